@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The README's test command: set up everything the suite needs, then run all of it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# The PostgreSQL tests start a private server from the Debian binaries.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+fi
+python3 -m pytest -q "$@"
