@@ -1,0 +1,81 @@
+"""Weights on disk: `model.safetensors` + `config.json` in one folder. Loading never unpickles."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .model import PerceiverVL
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A weights folder that cannot be loaded; the message names the file or tensor."""
+
+
+def save_model(model: PerceiverVL, folder: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
+    """Write weights (as `dtype`, e.g. float16 to ship small) and the config; atomic per file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "pvl_search": "1"})
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    model.config.save(folder / CONFIG_FILE)
+    return folder
+
+
+def load_model(folder: str | Path, *, device: str | torch.device = "cpu") -> PerceiverVL:
+    """Rebuild the model from its config and load its weights in float32, checking every tensor."""
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (a model folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        config = ModelConfig.load(config_path)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(str(exc)) from exc
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
+    model = PerceiverVL(config)
+    load_state(model, tensors, source=str(weights_path))
+    return model.to(device).eval()
+
+
+def load_state(model: PerceiverVL, tensors: dict[str, torch.Tensor], *, source: str) -> None:
+    """Copy tensors into the model; any missing, unexpected or mis-shaped tensor is an error."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} (does the config match?)")
+    for name, value in tensors.items():
+        if value.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(value.shape)}, "
+                f"the config needs {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+
+
+def weights_fingerprint(folder: str | Path) -> str:
+    """sha256 of config + weights: what an index records to refuse another model."""
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(Path(folder) / name, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

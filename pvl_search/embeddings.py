@@ -1,0 +1,81 @@
+"""Input embeddings (paper eq. 1): modality + temporal + positional + patch/token embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+VIDEO, TEXT = 0, 1  # rows of the modality embedding
+PAD_ID = 0  # open_clip pads with id 0
+
+
+class VideoEmbedding(nn.Module):
+    """Frames (B, F, 3, S, S) -> patch tokens (B, F * g * g, D) and their padding mask.
+
+    An image is a 1-frame video: it takes the same path with F = 1.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden
+        # A stride-P convolution is the linear projection of non-overlapping P x P patches.
+        self.patch_embed = nn.Conv2d(3, d, kernel_size=config.patch, stride=config.patch)
+        self.position = nn.Parameter(torch.randn(config.grid * config.grid, d) * 0.02)
+        self.temporal = nn.Parameter(torch.randn(config.max_frames, d) * 0.02)
+
+    def temporal_table(self, frames: int) -> Tensor:
+        """(F, D) frame-index embeddings; longer videos than the table interpolate it."""
+        if frames <= self.temporal.shape[0]:
+            return self.temporal[:frames]
+        table = self.temporal.T[None]  # (1, D, max_frames)
+        return F.interpolate(table, size=frames, mode="linear", align_corners=True)[0].T
+
+    def forward(self, frames: Tensor, frame_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        b, f, c, h, w = frames.shape
+        size = self.config.frame_size
+        if (c, h, w) != (3, size, size):
+            raise ValueError(f"frames must be (B, F, 3, {size}, {size}); got {tuple(frames.shape)}")
+        patches = self.patch_embed(frames.reshape(b * f, c, h, w))  # (B*F, D, g, g)
+        tokens = patches.flatten(2).transpose(1, 2).reshape(b, f, -1, self.config.hidden)  # (B, F, g*g, D)
+        tokens = tokens + self.position[None, None] + self.temporal_table(f)[None, :, None]
+        if frame_mask is None:
+            frame_mask = torch.ones(b, f, dtype=torch.bool, device=frames.device)
+        token_mask = frame_mask[:, :, None].expand(b, f, tokens.shape[2])
+        return tokens.reshape(b, -1, self.config.hidden), token_mask.reshape(b, -1)
+
+
+class TextEmbedding(nn.Module):
+    """Token ids (B, L) -> tokens (B, L, D) and their padding mask (id 0 is padding).
+
+    With `token_dim` set, the 49k-row table is token_dim wide and projected up to D
+    (ALBERT-style factorisation), which keeps a small model small.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = config.token_dim or config.hidden
+        self.token = nn.Embedding(config.vocab_size, width)
+        nn.init.normal_(self.token.weight, std=0.02)
+        self.project = nn.Linear(width, config.hidden, bias=False) if config.token_dim else nn.Identity()
+        self.position = nn.Parameter(torch.randn(config.text_length, config.hidden) * 0.02)
+        # Replaces the tokens chosen for masked language modelling.
+        self.mask_token = nn.Parameter(torch.zeros(config.hidden))
+
+    def forward(self, token_ids: Tensor, replace_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        b, length = token_ids.shape
+        if length > self.config.text_length:
+            raise ValueError(f"text has {length} tokens; the model takes at most {self.config.text_length}")
+        tokens = self.project(self.token(token_ids))  # (B, L, D)
+        if replace_mask is not None:
+            tokens = torch.where(replace_mask[..., None], self.mask_token.to(tokens.dtype), tokens)
+        tokens = tokens + self.position[:length]
+        return tokens, token_ids != PAD_ID
+
+    def output_logits(self, hidden: Tensor) -> Tensor:
+        """Vocabulary logits tied to the token table: (..., token_dim or D) -> (..., vocab)."""
+        return hidden @ self.token.weight.T
