@@ -1,0 +1,99 @@
+"""Training objectives: video-text contrastive (multi-stream), VTM with hard negatives
+(mixed-stream, optionally single-stream) and masked language modelling through the decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import CLIP_VOCAB_SIZE
+from .embeddings import PAD_ID
+from .model import PerceiverVL
+
+
+@dataclass
+class LossWeights:
+    contrastive: float = 1.0
+    mixed_vtm: float = 1.0
+    single_vtm: float = 0.0  # the joint encoder costs one more pass per pair
+    mlm: float = 0.0
+    mlm_probability: float = 0.15
+
+
+@dataclass
+class LossOutput:
+    total: Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+    similarity: Tensor | None = None  # (B_text, B_video) multi-stream similarities
+
+
+def contrastive_loss(logits: Tensor) -> Tensor:
+    """Symmetric InfoNCE over a (B, B) text-by-video logit matrix whose diagonal matches."""
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def hard_negatives(similarity: Tensor) -> tuple[Tensor, Tensor]:
+    """For each text the most similar other video, for each video the most similar other text
+    (mined from the in-batch contrastive similarities, as ALBEF / the paper do)."""
+    masked = similarity.detach().float().clone()
+    masked.fill_diagonal_(float("-inf"))
+    return masked.argmax(dim=1), masked.argmax(dim=0)  # (B,) video per text, (B,) text per video
+
+
+def vtm_pairs(batch: int, neg_video: Tensor, neg_text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Indices (video, text) and labels: B positives, B (text, hard video), B (video, hard text)."""
+    idx = torch.arange(batch, device=neg_video.device)
+    videos = torch.cat([idx, neg_video, idx])
+    texts = torch.cat([idx, idx, neg_text])
+    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).to(neg_video.device)
+    return videos, texts, labels
+
+
+def mlm_mask(token_ids: Tensor, probability: float, generator: torch.Generator | None = None) -> Tensor:
+    """Positions to hide: real word tokens only (never <start>, <end> or padding); at least one."""
+    # open_clip's <start> and <end> are the last two ids of its vocabulary.
+    candidate = (token_ids != PAD_ID) & (token_ids < CLIP_VOCAB_SIZE - 2)
+    chosen = (torch.rand(token_ids.shape, generator=generator) < probability).to(token_ids.device) & candidate
+    first_word = candidate & (candidate.cumsum(1) == 1)
+    return chosen | (first_word & ~chosen.any(1, keepdim=True))
+
+
+def compute_losses(
+    model: PerceiverVL,
+    frames: Tensor,
+    frame_mask: Tensor | None,
+    token_ids: Tensor,
+    weights: LossWeights = LossWeights(),
+) -> LossOutput:
+    """All objectives on one batch of B matching (video, caption) pairs."""
+    b = token_ids.shape[0]
+    video = model.encode_video(frames, frame_mask)
+    text = model.encode_text(token_ids)
+    similarity = text.embedding @ video.embedding.T  # (B, B)
+    parts: dict[str, Tensor] = {}
+    total = torch.zeros((), device=token_ids.device)
+    if weights.contrastive:
+        parts["contrastive"] = contrastive_loss(model.logit_scale.exp().clamp(max=100) * similarity)
+    neg_video, neg_text = hard_negatives(similarity)
+    videos, texts, labels = vtm_pairs(b, neg_video, neg_text)
+    if weights.mixed_vtm:
+        video_states = model.rerank_state(video.latents)[videos]  # (3B, W)
+        text_states = model.rerank_state(text.latents)[texts]
+        logits = model.mixed_scores(text_states, video_states[:, None])[:, 0]  # (3B,)
+        parts["mixed_vtm"] = F.binary_cross_entropy_with_logits(logits, labels)
+    if weights.single_vtm:
+        mask = None if frame_mask is None else frame_mask[videos]
+        logits = model.single_stream_scores(frames[videos], mask, token_ids[texts])
+        parts["single_vtm"] = F.binary_cross_entropy_with_logits(logits, labels)
+    if weights.mlm:
+        masked = mlm_mask(token_ids, weights.mlm_probability)
+        latents = model.encode_text(token_ids, replace_mask=masked).latents
+        logits = model.mlm_logits(latents, masked)  # (B, L, V)
+        parts["mlm"] = F.cross_entropy(logits[masked].float(), token_ids[masked])
+    for name, value in parts.items():
+        total = total + getattr(weights, name) * value
+    return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()}, similarity.detach())
