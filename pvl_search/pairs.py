@@ -1,0 +1,123 @@
+"""(video, caption) training and evaluation data over a frame cache.
+
+Frames are decoded once into one uint8 array on disk (videos x F x S x S x 3) so that
+epochs never decode video again; batches are read from it through a memory map.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .tokenizer import Tokenizer
+
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
+
+# decode(path) -> (frames uint8 (F, S, S, 3), mask bool (F,)); raising marks the video failed.
+DecodeFn = Callable[[str], tuple[np.ndarray, np.ndarray]]
+
+
+def normalise_frames(frames: np.ndarray | Tensor) -> Tensor:
+    """uint8 (..., F, S, S, 3) -> float (..., F, 3, S, S) with CLIP's mean and std."""
+    x = torch.as_tensor(np.asarray(frames)).float().div_(255)
+    x = (x - CLIP_MEAN) / CLIP_STD
+    return x.movedim(-1, -3).contiguous()
+
+
+@dataclass
+class FrameCache:
+    """uint8 frames of many videos, addressed by row; `keys[i]` names row i."""
+
+    frames: np.ndarray  # (V, F, S, S, 3) uint8, usually a read-only memory map
+    masks: np.ndarray  # (V, F) bool
+    keys: list[str]
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "FrameCache":
+        folder = Path(folder)
+        keys = json.loads((folder / "keys.json").read_text())
+        frames = np.load(folder / "frames.npy", mmap_mode="r")
+        masks = np.load(folder / "masks.npy")
+        return cls(frames, masks, keys)
+
+
+def build_frame_cache(
+    items: Sequence[tuple[str, str]],
+    folder: str | Path,
+    *,
+    frames: int,
+    size: int,
+    decode: DecodeFn,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[FrameCache, dict[str, str]]:
+    """Decode each (key, path) once into `folder`; returns the cache and {key: error} of the
+    videos that failed. An existing complete cache for the same keys is reused."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = [key for key, _ in items]
+    done_marker = folder / "complete.json"
+    if done_marker.exists():
+        info = json.loads(done_marker.read_text())
+        if info.get("frames") == frames and info.get("size") == size and info.get("requested") == wanted:
+            return FrameCache.open(folder), info.get("failed", {})
+    array = np.lib.format.open_memmap(folder / "frames.tmp.npy", mode="w+", dtype=np.uint8,
+                                      shape=(len(items), frames, size, size, 3))
+    masks = np.zeros((len(items), frames), dtype=bool)
+    failed: dict[str, str] = {}
+    for i, (key, path) in enumerate(items):
+        try:
+            clip, mask = decode(path)
+            array[i], masks[i] = clip, mask
+        except Exception as exc:  # a bad file is recorded, not fatal: the caller drops it
+            failed[key] = str(exc)
+        if progress:
+            progress(i + 1, len(items))
+    array.flush()
+    del array
+    keep = [i for i, (key, _) in enumerate(items) if key not in failed]
+    full = np.load(folder / "frames.tmp.npy", mmap_mode="r")
+    np.save(folder / "frames.npy", np.ascontiguousarray(full[keep]) if failed else full)
+    del full
+    (folder / "frames.tmp.npy").unlink()
+    np.save(folder / "masks.npy", masks[keep])
+    (folder / "keys.json").write_text(json.dumps([wanted[i] for i in keep]))
+    done_marker.write_text(json.dumps({"frames": frames, "size": size, "requested": wanted, "failed": failed}))
+    return FrameCache.open(folder), failed
+
+
+class PairSet:
+    """Captions paired with cached videos. A batch holds distinct videos (so in-batch
+    contrastive negatives are true negatives), each with one of its captions."""
+
+    def __init__(self, cache: FrameCache, captions: dict[str, list[str]], tokenizer: Tokenizer) -> None:
+        row = {key: i for i, key in enumerate(cache.keys)}
+        self.cache = cache
+        self.video_rows = [row[key] for key in captions if key in row and captions[key]]
+        self.keys = [cache.keys[r] for r in self.video_rows]
+        self.captions = [captions[key] for key in self.keys]
+        self.tokens = [tokenizer(texts) for texts in self.captions]  # tokenised once
+
+    def __len__(self) -> int:
+        return len(self.video_rows)
+
+    def batch(self, indices: Sequence[int], generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """frames (B, F, 3, S, S) float, frame mask (B, F), token ids (B, L)."""
+        rows = [self.video_rows[i] for i in indices]
+        order = np.argsort(rows)  # sorted reads from the memory map, then back in order
+        frames = self.cache.frames[np.asarray(rows)[order]][np.argsort(order)]
+        picks = [int(torch.randint(len(self.tokens[i]), (1,), generator=generator)) for i in indices]
+        ids = torch.stack([self.tokens[i][p] for i, p in zip(indices, picks)])
+        return normalise_frames(frames), torch.as_tensor(self.cache.masks[rows]), ids
+
+    def all_captions(self) -> tuple[Tensor, list[int]]:
+        """Every caption's token ids and the index of its video: evaluation queries."""
+        ids = torch.cat(self.tokens)
+        owners = [i for i, t in enumerate(self.tokens) for _ in range(len(t))]
+        return ids, owners

@@ -1,0 +1,233 @@
+"""Training loop: AdamW, warm-up + cosine schedule, gradient clipping, LayerDrop (in the
+model), safetensors checkpoints with resumable optimizer state, per-epoch validation that
+keeps the best checkpoint, and a JSON-lines log."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import load_state, save_model
+from .losses import LossWeights, compute_losses
+from .metrics import RetrievalMetrics, ranks_from_scores, retrieval_metrics
+from .model import PerceiverVL
+from .pairs import PairSet
+
+TRAIN_STATE_FILE = "train_state.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 200  # steps; a checkpoint is also written at every epoch end
+    losses: LossWeights = field(default_factory=LossWeights)
+    train_only: str = "all"  # "all", or "cross" for stage one of the paper's CLIP schedule
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ValidationResult:
+    epoch: int
+    multi: RetrievalMetrics
+    mixed: RetrievalMetrics
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    best_epoch: int
+    best_r1: float
+    history: list[ValidationResult]
+
+
+# An event for the caller's progress display: {"kind": "step"|"epoch", ...numbers}.
+ProgressFn = Callable[[dict], None]
+
+
+def learning_rate(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """A random permutation cut into full batches (a short last batch would weaken the
+    contrastive loss and skew the step count)."""
+    order = torch.randperm(n, generator=generator).tolist()
+    for start in range(0, n - batch_size + 1, batch_size):
+        yield order[start : start + batch_size]
+
+
+@torch.no_grad()
+def evaluate(model: PerceiverVL, data: PairSet, *, batch_size: int = 32, device: str = "cpu") -> tuple[RetrievalMetrics, RetrievalMetrics]:
+    """Text-to-video R@K over `data`, every caption a query: multi-stream (embedding dot
+    product) and mixed-stream (factorised decoder over all videos)."""
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    embeddings, states = [], []
+    for start in range(0, len(data), batch_size):
+        frames, masks, _ = data.batch(range(start, min(len(data), start + batch_size)), g)
+        out = model.encode_video(frames.to(device), masks.to(device))
+        embeddings.append(out.embedding)
+        states.append(model.rerank_state(out.latents))
+    video_embedding, video_states = torch.cat(embeddings), torch.cat(states)
+    ids, owners = data.all_captions()
+    multi, mixed = [], []
+    for start in range(0, len(ids), batch_size):
+        text = model.encode_text(ids[start : start + batch_size].to(device))
+        multi.append(text.embedding @ video_embedding.T)
+        mixed.append(model.mixed_scores(model.rerank_state(text.latents), video_states))
+    as_numpy = lambda parts: torch.cat(parts).float().cpu().numpy()  # noqa: E731
+    return (
+        retrieval_metrics(ranks_from_scores(as_numpy(multi), owners)),
+        retrieval_metrics(ranks_from_scores(as_numpy(mixed), owners)),
+    )
+
+
+def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, meta: dict) -> None:
+    """Optimizer moments as safetensors and counters as metadata: resuming never unpickles."""
+    tensors, scalars = {}, {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = float(value)
+    tmp = folder / (TRAIN_STATE_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta), "scalars": json.dumps(scalars)})
+    os.replace(tmp, folder / TRAIN_STATE_FILE)
+
+
+def load_train_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:
+    from safetensors import safe_open
+
+    path = folder / TRAIN_STATE_FILE
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in json.loads(metadata["scalars"]).items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = torch.tensor(value)
+    saved = optimizer.state_dict()
+    saved["state"] = state
+    optimizer.load_state_dict(saved)
+    return json.loads(metadata["meta"])
+
+
+def _write_checkpoint(model: PerceiverVL, folder: Path, optimizer: torch.optim.Optimizer, meta: dict) -> None:
+    save_model(model, folder)
+    save_train_state(folder, optimizer, meta)
+
+
+def train(
+    model: PerceiverVL,
+    train_data: PairSet,
+    val_data: PairSet | None,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    trainable: list[torch.nn.Parameter] | None = None,
+    progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Train in place. `out_dir/last` is the newest checkpoint (resumable), `out_dir/best`
+    the one with the best validation R@1 (multi-stream), `out_dir/log.jsonl` the log."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(train_data) < cfg.batch_size:
+        raise ValueError(f"{len(train_data)} training videos is fewer than one batch of {cfg.batch_size}")
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    model.to(device)
+    params = trainable if trainable is not None else list(model.parameters())
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]  # norms, biases, single vectors
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    steps_per_epoch = len(train_data) // cfg.batch_size
+    total_steps = steps_per_epoch * cfg.epochs
+    step, start_epoch, best_r1, best_epoch = 0, 0, -1.0, -1
+    history: list[ValidationResult] = []
+    if resume and (out / "last" / TRAIN_STATE_FILE).exists():
+        load_state(model, load_file(str(out / "last" / "model.safetensors")), source=str(out / "last"))
+        meta = load_train_state(out / "last", optimizer)
+        step, start_epoch = meta["step"], meta["epoch"]
+        best_r1, best_epoch = meta["best_r1"], meta["best_epoch"]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    log = open(out / "log.jsonl", "a")
+    began = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            # Re-seed per epoch so a resumed run sees the batches an uninterrupted one would.
+            generator.manual_seed(cfg.seed * 1000 + epoch)
+            skip = step - epoch * steps_per_epoch  # batches of this epoch done before a resume
+            for i, indices in enumerate(epoch_batches(len(train_data), cfg.batch_size, generator)):
+                frames, masks, ids = train_data.batch(indices, generator)
+                if i < skip:
+                    continue
+                model.train()
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step, total_steps, cfg)
+                with autocast:
+                    losses = compute_losses(model, frames.to(device), masks.to(device), ids.to(device), cfg.losses)
+                optimizer.zero_grad(set_to_none=True)
+                losses.total.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                step += 1
+                record = {"kind": "step", "step": step, "epoch": epoch, "total_steps": total_steps,
+                          "loss": float(losses.total.detach()), **losses.parts,
+                          "lr": optimizer.param_groups[0]["lr"],
+                          "samples_per_s": step * cfg.batch_size / (time.perf_counter() - began)}
+                log.write(json.dumps(record) + "\n")
+                if progress:
+                    progress(record)
+                if step % cfg.checkpoint_every == 0:
+                    _write_checkpoint(model, out / "last", optimizer,
+                                      {"step": step, "epoch": epoch, "best_r1": best_r1, "best_epoch": best_epoch})
+            record = {"kind": "epoch", "epoch": epoch, "step": step}
+            if val_data is not None and len(val_data):
+                multi, mixed = evaluate(model, val_data, device=cfg.device)
+                history.append(ValidationResult(epoch, multi, mixed))
+                record |= {"val_multi": multi.to_dict(), "val_mixed": mixed.to_dict()}
+                if multi.r1 > best_r1:
+                    best_r1, best_epoch = multi.r1, epoch
+                    save_model(model, out / "best")
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if progress:
+                progress(record)
+            _write_checkpoint(model, out / "last", optimizer,
+                              {"step": step, "epoch": epoch + 1, "best_r1": best_r1, "best_epoch": best_epoch})
+    finally:
+        log.close()
+    if val_data is None:
+        save_model(model, out / "best")
+    return TrainResult(step, time.perf_counter() - began, best_epoch, best_r1, history)
+

@@ -1,0 +1,88 @@
+"""The training loop: frame cache, checkpoints, exact resume, best-checkpoint selection."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pvl_search.checkpoint import load_model
+from pvl_search.config import preset
+from pvl_search.model import PerceiverVL
+from pvl_search.pairs import FrameCache, PairSet, build_frame_cache
+from pvl_search.tokenizer import Tokenizer
+from pvl_search.train import TrainConfig, evaluate, learning_rate, train
+
+CONFIG = preset("tiny").replace(
+    hidden=64, heads=4, latents=8, frame_size=32, patch=8, frames=4, token_dim=16, layerdrop=0.0
+)
+
+
+@pytest.fixture()
+def pairs(tmp_path) -> PairSet:
+    rng = np.random.default_rng(0)
+    clips = {f"v{i}": rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8) for i in range(12)}
+
+    def decode(path: str) -> tuple[np.ndarray, np.ndarray]:
+        if path == "broken.mp4":
+            raise ValueError("broken.mp4: not a video")
+        return clips[path], np.array([True, True, True, False])
+
+    items = [(key, key) for key in clips] + [("broken", "broken.mp4")]
+    cache, failed = build_frame_cache(items, tmp_path / "cache", frames=4, size=32, decode=decode)
+    assert failed == {"broken": "broken.mp4: not a video"}
+    assert cache.frames.shape == (12, 4, 32, 32, 3) and cache.keys[0] == "v0"
+    captions = {key: [f"clip {i} caption a", f"clip {i} caption b"] for i, key in enumerate(clips)}
+    return PairSet(cache, captions, Tokenizer(CONFIG.text_length))
+
+
+def run(pairs: PairSet, out, epochs: int, resume: bool = False) -> PerceiverVL:
+    torch.manual_seed(0)
+    model = PerceiverVL(CONFIG)
+    cfg = TrainConfig(epochs=epochs, batch_size=4, warmup_steps=2, checkpoint_every=2, lr=1e-3)
+    train(model, pairs, pairs, cfg, out, resume=resume)
+    return model
+
+
+def test_frame_cache_is_reused(pairs: PairSet, tmp_path) -> None:
+    reopened = FrameCache.open(tmp_path / "cache")
+    assert np.array_equal(np.asarray(reopened.frames), np.asarray(pairs.cache.frames))
+    assert reopened.masks[:, 3].sum() == 0
+
+
+def test_resume_continues_exactly(pairs: PairSet, tmp_path) -> None:
+    straight = run(pairs, tmp_path / "straight", epochs=2)
+    run(pairs, tmp_path / "split", epochs=1)
+    resumed = run(pairs, tmp_path / "split", epochs=2, resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_checkpoints_and_log(pairs: PairSet, tmp_path) -> None:
+    run(pairs, tmp_path / "out", epochs=2)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if line["kind"] == "step"]
+    epochs = [line for line in lines if line["kind"] == "epoch"]
+    assert len(steps) == 6 and len(epochs) == 2  # 12 videos / batch 4 = 3 steps per epoch
+    assert all(np.isfinite(line["loss"]) for line in steps)
+    assert "r1" in epochs[0]["val_multi"] and "r1" in epochs[0]["val_mixed"]
+    # "best" holds the weights of the epoch with the top validation R@1.
+    best_r1 = max(epoch["val_multi"]["r1"] for epoch in epochs)
+    multi, _ = evaluate(load_model(tmp_path / "out" / "best"), pairs)
+    assert multi.r1 == pytest.approx(best_r1)
+    assert load_model(tmp_path / "out" / "last").config == CONFIG
+
+
+def test_schedule_warms_up_then_decays() -> None:
+    cfg = TrainConfig(lr=1.0, warmup_steps=10)
+    assert learning_rate(0, 100, cfg) == pytest.approx(0.1)
+    assert learning_rate(9, 100, cfg) == pytest.approx(1.0)
+    assert learning_rate(55, 100, cfg) == pytest.approx(0.5)
+    assert learning_rate(100, 100, cfg) == pytest.approx(0.0)
+
+
+def test_too_little_data_is_a_clear_error(pairs: PairSet, tmp_path) -> None:
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train(PerceiverVL(CONFIG), pairs, None, TrainConfig(batch_size=64), tmp_path / "x")
