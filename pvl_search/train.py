@@ -36,7 +36,6 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 200  # steps; a checkpoint is also written at every epoch end
     losses: LossWeights = field(default_factory=LossWeights)
-    train_only: str = "all"  # "all", or "cross" for stage one of the paper's CLIP schedule
     device: str = "cpu"
 
     def to_dict(self) -> dict:
@@ -164,6 +163,10 @@ def train(
     device = torch.device(cfg.device)
     model.to(device)
     params = trainable if trainable is not None else list(model.parameters())
+    if trainable is not None:  # e.g. stage one of the paper's CLIP schedule: the rest is frozen
+        keep = {id(p) for p in trainable}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]  # norms, biases, single vectors
     optimizer = torch.optim.AdamW(
