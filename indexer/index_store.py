@@ -1,0 +1,787 @@
+"""One index on disk: SQL metadata + row stores + FAISS, kept consistent through crashes.
+
+An index folder holds ``embeddings.f16`` (d per segment), ``rerank_states.f16`` (D + H),
+optionally ``latents.f16`` (N * D), ``vectors.faiss``, ``index.lock`` and, by default, the
+SQLite database ``index.sqlite`` (or any SQLAlchemy URL, e.g. PostgreSQL).
+
+Crash-safety protocol (the process may be SIGKILLed at any instant):
+
+1. SQL is the source of truth. ``index_info.committed_rows`` is the number of store rows
+   that belong to committed segments; segment ids are store row numbers ``0..rows-1``.
+2. ``add_video`` appends the video's rows to every store and fsyncs them FIRST, then commits
+   ONE SQL transaction: video row (inserted or updated), its segments (ids = the new row
+   numbers), ``committed_rows += n``. Rows appended but never committed are invisible: no
+   segment points at them.
+3. Removals (``mark_removed``, ``mark_failed``, re-indexing a changed file) only flag
+   segments removed in SQL, in the same transaction bumping ``index_info.removal_seq``;
+   store rows stay (append-only), only FAISS forgets the ids.
+4. FAISS is derived. After a commit the in-memory index is updated; ``save_faiss`` writes it
+   atomically (tmp + fsync + rename) with the ``committed_rows`` and ``removal_seq`` it
+   reflects, and the index uuid.
+5. On open (and after a write that failed half-way), recovery reads SQL and:
+   - truncates every store to ``committed_rows`` (drops rows of an add that never
+     committed; a torn last row is dropped by the store itself); a store SHORTER than that
+     is damage, not a crash, and is refused;
+   - loads the FAISS file; if it is missing, damaged, from another index or covers more
+     rows than SQL, rebuilds it from the embedding store; otherwise adds the live segments
+     in ``[file rows, committed_rows)`` and, if ``removal_seq`` differs, removes the ids of
+     every removed segment below the file's rows. Ids are only ever added above the rows
+     the file covers, so nothing is added twice.
+   So after any crash: every FAISS id has its SQL row and its store rows, stores hold
+   exactly the committed rows, and committed videos are known (``known_videos``) and are
+   not redone.
+
+A second writer on the same folder is refused (``index.lock``, flock: released by the
+kernel when a process dies). The store headers and the FAISS file carry the index uuid
+from SQL, so a folder paired with the wrong database is refused rather than "recovered".
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from indexer.database import Database, default_url, open_database
+from indexer.errors import IndexLockedError, IndexStoreError, ModelMismatchError, RowStoreError
+from indexer.row_store import RowStore, fsync_dir, read_tag
+from indexer.schema import IndexInfo, Segment, Video, VideoStatus
+from indexer.vector_index import DEFAULT_APPROX_THRESHOLD, VectorIndex
+
+EMBEDDINGS_FILE = "embeddings.f16"
+RERANK_FILE = "rerank_states.f16"
+LATENTS_FILE = "latents.f16"
+FAISS_FILE = "vectors.faiss"
+LOCK_FILE = "index.lock"
+FINGERPRINT_CHUNK = 1 << 20
+PAUSE_ENV = "PVL_TEST_PAUSE_AT"
+
+
+def _pause_point(stage: str) -> None:
+    """Test hook: with PVL_TEST_PAUSE_AT=<stage> the process stops itself (SIGSTOP) here, so
+    a test can SIGKILL it inside a precise crash window. Stages: "stores_appended" (rows
+    fsynced, SQL not committed), "sql_committed" (SQL committed, FAISS not updated/saved)."""
+    if os.environ.get(PAUSE_ENV) == stage:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def fingerprint_file(path: str | Path) -> str:
+    """Content fingerprint: sha256 of the size and the first and last MiB (hex)."""
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(size.to_bytes(8, "little"))
+    with open(path, "rb") as f:
+        digest.update(f.read(FINGERPRINT_CHUNK))
+        if size > FINGERPRINT_CHUNK:
+            f.seek(max(FINGERPRINT_CHUNK, size - FINGERPRINT_CHUNK))
+            digest.update(f.read(FINGERPRINT_CHUNK))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class IndexLayout:
+    """Widths of what the index stores per segment, fixed by the model."""
+
+    embedding_dim: int  # d
+    rerank_width: int  # D + H
+    latent_shape: tuple[int, int] | None = None  # (N, D) to keep full latents, else None
+    faiss_factory: str | None = None  # None: exact, then IVF past the size threshold
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    duration: float | None = None  # seconds
+    fps: float | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+class KnownVideo(NamedTuple):
+    size: int | None
+    mtime: float | None
+    fingerprint: str | None
+    status: str  # a VideoStatus value
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    id: int
+    video_id: int
+    path: str
+    start_s: float
+    end_s: float
+    removed: bool
+
+
+@dataclass
+class IndexStats:
+    videos: dict[str, int]  # count per status
+    segments: int  # searchable
+    removed_segments: int
+    rows: int  # rows in each store (= committed segments, removed included)
+    vectors: int  # ids in FAISS (= searchable segments)
+    faiss: str  # what FAISS index is in use, e.g. "Flat" or "IVF894,Flat"
+    bytes: dict[str, int] = field(default_factory=dict)  # on disk, per file
+    recent_failures: list[tuple[str, str | None]] = field(default_factory=list)
+
+
+def _size_mtime(stat: os.stat_result | tuple[int, float]) -> tuple[int, float]:
+    if hasattr(stat, "st_size"):
+        return int(stat.st_size), float(stat.st_mtime)
+    size, mtime = stat
+    return int(size), float(mtime)
+
+
+def _config_diff(stored: str, given: str) -> str:
+    """The top-level config keys that differ, as 'key (stored vs given)'."""
+    try:
+        a, b = json.loads(stored), json.loads(given)
+    except ValueError:
+        return "config text differs"
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return "config differs"
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    shown = ", ".join(f"{k} ({a.get(k)!r} vs {b.get(k)!r})" for k in keys[:5])
+    return shown + (" ..." if len(keys) > 5 else "")
+
+
+class IndexStore:
+    """An open index folder (+ database). Single writer; use as a context manager."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        db_url: str | None = None,
+        *,
+        approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.db_url = db_url or default_url(self.directory)
+        self.approx_threshold = approx_threshold
+        self._search_params = {"nprobe": nprobe, "ef_search": ef_search}
+        self._lock_fd = self._lock()
+        self.db: Database | None = None
+        self.embedding_store: RowStore | None = None
+        self.rerank_store: RowStore | None = None
+        self.latent_store: RowStore | None = None
+        self.vectors: VectorIndex | None = None
+        self._faiss_rows = 0  # committed rows the in-memory FAISS reflects
+        self._faiss_seq = 0  # removal_seq the in-memory FAISS reflects
+        self._faiss_valid = False
+        self._dirty = False  # in-memory FAISS differs from the file
+        self._needs_recovery = False
+        try:
+            self.db = open_database(self.db_url)
+            info = self._info_row()
+            self._uuid = info.index_uuid
+            self._rows = info.committed_rows
+            self._check_folder_owner()
+            if self.layout is not None:
+                self._open_data()
+        except BaseException:
+            self._release()
+            raise
+
+    # -- opening, locking, recovery -----------------------------------------------------
+
+    def _lock(self) -> int:
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise IndexLockedError(f"index {self.directory} is open in another process") from None
+        return fd
+
+    def _check_folder_owner(self) -> None:
+        # A fresh database pointed at a folder of another index must not adopt (and later
+        # truncate or delete) that index's stores.
+        path = self.directory / EMBEDDINGS_FILE
+        if path.exists() and read_tag(path) != bytes.fromhex(self._uuid):
+            raise IndexStoreError(
+                f"folder {self.directory} holds the data of another index than database "
+                f"{make_url(self.db_url).render_as_string(hide_password=True)}; "
+                "use that index's database or a new folder"
+            )
+
+    def _info_row(self) -> IndexInfo:
+        with self.db.sessions.begin() as s:
+            info = s.get(IndexInfo, 1)
+            if info is None:
+                info = IndexInfo(id=1, index_uuid=uuid.uuid4().hex, committed_rows=0, removal_seq=0)
+                s.add(info)
+        self._info = info
+        return info
+
+    @property
+    def layout(self) -> IndexLayout | None:
+        """The stored layout, or None while no model has been set."""
+        info = self._info
+        if info.embedding_dim is None or info.rerank_width is None:
+            return None
+        latent = None
+        if info.latent_tokens is not None and info.latent_dim is not None:
+            latent = (info.latent_tokens, info.latent_dim)
+        return IndexLayout(info.embedding_dim, info.rerank_width, latent, info.faiss_factory)
+
+    def _store_paths(self, layout: IndexLayout) -> list[tuple[Path, int]]:
+        paths = [
+            (self.directory / EMBEDDINGS_FILE, layout.embedding_dim),
+            (self.directory / RERANK_FILE, layout.rerank_width),
+        ]
+        if layout.latent_shape is not None:
+            tokens, dim = layout.latent_shape
+            paths.append((self.directory / LATENTS_FILE, tokens * dim))
+        return paths
+
+    def _open_data(self) -> None:
+        layout = self.layout
+        assert layout is not None
+        tag = bytes.fromhex(self._uuid)
+        stores = []
+        try:
+            for path, width in self._store_paths(layout):
+                # Create missing stores only while nothing is committed: otherwise it is loss.
+                stores.append(RowStore(path, width, tag=tag, create=self._rows == 0))
+        except RowStoreError:
+            for store in stores:
+                store.close()
+            raise
+        self.embedding_store, self.rerank_store = stores[0], stores[1]
+        self.latent_store = stores[2] if len(stores) > 2 else None
+        self.vectors = self._load_vectors(layout)
+        self._reconcile()
+
+    def _stores(self) -> list[RowStore]:
+        stores = (self.embedding_store, self.rerank_store, self.latent_store)
+        return [s for s in stores if s is not None]
+
+    def _new_vectors(self, layout: IndexLayout) -> VectorIndex:
+        return VectorIndex(
+            layout.embedding_dim,
+            factory=layout.faiss_factory,
+            approx_threshold=self.approx_threshold,
+            **self._search_params,
+        )
+
+    def _load_vectors(self, layout: IndexLayout) -> VectorIndex | None:
+        """The saved FAISS index if it belongs here; None means rebuild (it is derived)."""
+        path = self.directory / FAISS_FILE
+        if not path.exists():
+            return None
+        try:
+            vectors = VectorIndex.load(path)
+        except IndexStoreError:
+            return None
+        meta = vectors.meta
+        if (
+            meta.get("index_uuid") != self._uuid
+            or meta.get("factory") != layout.faiss_factory
+            or vectors.dim != layout.embedding_dim
+        ):
+            return None
+        vectors.approx_threshold = self.approx_threshold
+        vectors.set_search_params(**self._search_params)
+        self._faiss_rows = int(meta.get("rows", -1))
+        self._faiss_seq = int(meta.get("removal_seq", -1))
+        self._faiss_valid = self._faiss_rows >= 0
+        return vectors
+
+    def _reconcile(self) -> None:
+        """Bring stores and FAISS in line with what SQL has committed (see module doc)."""
+        info = self._info_row()
+        if info.index_uuid != self._uuid:
+            raise IndexStoreError(f"the database of index {self.directory} was replaced while open")
+        rows, seq = info.committed_rows, info.removal_seq
+        layout = self.layout
+        assert layout is not None
+        for store in self._stores():
+            if len(store) < rows:
+                raise IndexStoreError(
+                    f"{store.path} has {len(store)} rows but the database has {rows} committed "
+                    "segments: the store has lost data (copied while indexing?); rebuild the index"
+                )
+            if len(store) > rows:
+                store.truncate(rows)  # rows of an add whose SQL transaction never committed
+        self._rows = rows
+        with self.db.sessions() as s:
+            vectors = self.vectors
+            if vectors is None or not self._faiss_valid or self._faiss_rows > rows:
+                ids = self._live_ids(s, 0, rows)
+                vectors = self._new_vectors(layout)
+                vectors.rebuild_from(self.embedding_store.get(ids), ids)
+                self._dirty = True
+            else:
+                if self._faiss_seq != seq:
+                    removed = s.scalars(
+                        select(Segment.id).where(Segment.removed, Segment.id < self._faiss_rows)
+                    ).all()
+                    vectors.remove_ids(np.asarray(removed, np.int64))
+                    self._dirty = True
+                if self._faiss_rows < rows:
+                    ids = self._live_ids(s, self._faiss_rows, rows)
+                    vectors.add(self.embedding_store.get(ids), ids)
+                    self._dirty = True
+        self.vectors = vectors
+        self._faiss_rows, self._faiss_seq, self._faiss_valid = rows, seq, True
+        self._needs_recovery = False
+        self.save_faiss()
+
+    @staticmethod
+    def _live_ids(s: Session, lo: int, hi: int) -> np.ndarray:
+        ids = s.scalars(
+            select(Segment.id)
+            .where(Segment.id >= lo, Segment.id < hi, Segment.removed.is_(False))
+            .order_by(Segment.id)
+        ).all()
+        return np.asarray(ids, dtype=np.int64)
+
+    # -- model / layout -----------------------------------------------------------------
+
+    def model(self) -> tuple[str | None, str | None]:
+        """(model config JSON, weights fingerprint) recorded for this index."""
+        return self._info.model_config, self._info.weights_fingerprint
+
+    def set_model(self, model_config: str, weights_fingerprint: str, layout: IndexLayout) -> None:
+        """Record the model (and layout) an index is built with.
+
+        On an index without segments this (re)defines it; on one with segments the model
+        and the widths must match (ModelMismatchError otherwise); only the FAISS factory
+        may change there, which rebuilds the FAISS index.
+        """
+        self._ready_for_writes()
+        current = self.layout
+        if self._rows > 0 and current is not None:
+            self.check_model(model_config, weights_fingerprint)
+            if (current.embedding_dim, current.rerank_width, current.latent_shape) != (
+                layout.embedding_dim,
+                layout.rerank_width,
+                layout.latent_shape,
+            ):
+                raise ModelMismatchError(
+                    f"index {self.directory} stores {current}, the model gives {layout}"
+                )
+            if current.faiss_factory != layout.faiss_factory:
+                self._write_info(faiss_factory=layout.faiss_factory)
+                self._faiss_valid = False
+                self._reconcile()
+            return
+        # Nothing committed: old store files (if any) hold no data; drop them before the
+        # new layout is committed, so a crash in between leaves nothing of the wrong width.
+        self._close_data()
+        for name in (EMBEDDINGS_FILE, RERANK_FILE, LATENTS_FILE, FAISS_FILE):
+            (self.directory / name).unlink(missing_ok=True)
+        fsync_dir(self.directory)
+        latent = layout.latent_shape
+        self._write_info(
+            model_config=model_config,
+            weights_fingerprint=weights_fingerprint,
+            embedding_dim=layout.embedding_dim,
+            rerank_width=layout.rerank_width,
+            latent_tokens=latent[0] if latent else None,
+            latent_dim=latent[1] if latent else None,
+            faiss_factory=layout.faiss_factory,
+        )
+        self._open_data()
+
+    def _write_info(self, **values: Any) -> None:
+        with self.db.sessions.begin() as s:
+            info = s.get(IndexInfo, 1, with_for_update=True)
+            for key, value in values.items():
+                setattr(info, key, value)
+        self._info_row()
+
+    def check_model(self, model_config: str, weights_fingerprint: str) -> None:
+        """Raise ModelMismatchError unless this index was built with this model."""
+        stored_config, stored_fp = self.model()
+        if stored_config is None:
+            raise IndexStoreError(
+                f"index {self.directory} has no model recorded: nothing indexed yet"
+            )
+        problems = []
+        if stored_fp != weights_fingerprint:
+            problems.append(
+                f"weights fingerprint {stored_fp[:12]}... vs {weights_fingerprint[:12]}..."
+            )
+        if json.loads(stored_config) != json.loads(model_config):
+            problems.append("config: " + _config_diff(stored_config, model_config))
+        if problems:
+            raise ModelMismatchError(
+                f"index {self.directory} was built with a different model ({'; '.join(problems)}, "
+                "index vs given); use the index's model or re-index into a new folder"
+            )
+
+    # -- writes -------------------------------------------------------------------------
+
+    def _ready_for_writes(self) -> None:
+        if self.db is None:
+            raise IndexStoreError(f"index {self.directory} is closed")
+        if self._needs_recovery:
+            self._reconcile()
+
+    def _require_layout(self) -> IndexLayout:
+        layout = self.layout
+        if layout is None:
+            raise IndexStoreError(f"index {self.directory} has no model set: call set_model first")
+        return layout
+
+    def add_video(
+        self,
+        path: str,
+        stat: os.stat_result | tuple[int, float],
+        fingerprint: str,
+        info: VideoInfo,
+        segments: Sequence[tuple[float, float]],
+        embeddings: np.ndarray,
+        rerank_states: np.ndarray,
+        latents: np.ndarray | None = None,
+    ) -> int:
+        """Store one indexed video and its segments as one atomic unit; returns its id.
+
+        A path already in the index (changed file, earlier failure) is updated in place
+        and its previous segments are removed. `segments` are (start_s, end_s) pairs, one
+        per row of `embeddings` (n, d), `rerank_states` (n, D + H) and, when the layout
+        keeps latents, `latents` (n, N, D) or (n, N * D).
+        """
+        self._ready_for_writes()
+        layout = self._require_layout()
+        spans = np.asarray(segments, dtype=np.float64).reshape(-1, 2)
+        n = len(spans)
+        if (spans[:, 1] < spans[:, 0]).any():
+            raise ValueError(f"{path}: a segment ends before it starts")
+        rows = [np.asarray(embeddings, np.float32), np.asarray(rerank_states, np.float32)]
+        if layout.latent_shape is not None:
+            if latents is None:
+                raise ValueError(f"{path}: this index keeps latents, none were given")
+            rows.append(np.asarray(latents, np.float32).reshape(n, -1))
+        elif latents is not None:
+            raise ValueError(f"{path}: this index keeps no latents (layout.latent_shape is None)")
+        stores = self._stores()
+        for store, block in zip(stores, rows):
+            if block.shape != (n, store.width):
+                raise ValueError(
+                    f"{path}: expected {store.path.name} rows of shape ({n}, {store.width}), "
+                    f"got {block.shape}"
+                )
+        size, mtime = _size_mtime(stat)
+        first = self._rows
+        try:
+            for store, block in zip(stores, rows):
+                store.append(block)
+            for store in stores:
+                store.flush()
+            _pause_point("stores_appended")
+            with self.db.sessions.begin() as s:
+                self._check_rows(s, first)
+                video, old_ids = self._upsert_video(s, path)
+                video.size, video.mtime, video.fingerprint = size, mtime, fingerprint
+                video.duration, video.fps = info.duration, info.fps
+                video.width, video.height = info.width, info.height
+                video.status, video.error = VideoStatus.INDEXED.value, None
+                s.flush()  # assigns video.id
+                if n:
+                    s.execute(
+                        insert(Segment),
+                        [
+                            {"id": first + i, "video_id": video.id, "start_s": a, "end_s": b}
+                            for i, (a, b) in enumerate(spans.tolist())
+                        ],
+                    )
+                seq = self._bump_rows(s, first + n, removed=bool(old_ids))
+                video_id = video.id
+        except BaseException:
+            self._recover_after_failure()
+            raise
+        self._rows = first + n
+        _pause_point("sql_committed")
+        self._apply(old_ids, rows[0], np.arange(first, first + n, dtype=np.int64), seq)
+        return video_id
+
+    def _check_rows(self, s: Session, first: int) -> None:
+        info = s.get(IndexInfo, 1, with_for_update=True)  # row lock on servers
+        if info.committed_rows != first or info.index_uuid != self._uuid:
+            raise IndexStoreError(
+                f"index {self.directory}: the database changed under this writer "
+                f"(expected {first} committed rows, found {info.committed_rows})"
+            )
+
+    @staticmethod
+    def _bump_rows(s: Session, rows: int, *, removed: bool) -> int:
+        info = s.get(IndexInfo, 1)
+        info.committed_rows = rows
+        if removed:
+            info.removal_seq += 1
+        return info.removal_seq
+
+    @staticmethod
+    def _upsert_video(s: Session, path: str) -> tuple[Video, list[int]]:
+        """The video row for `path` (new if needed) and the ids of its live segments, which
+        this transaction flags removed."""
+        video = s.scalars(select(Video).where(Video.path == path)).one_or_none()
+        if video is None:
+            video = Video(path=path)
+            s.add(video)
+            return video, []
+        return video, IndexStore._take_out_segments(s, video.id)
+
+    @staticmethod
+    def _take_out_segments(s: Session, video_id: int) -> list[int]:
+        """Flag the live segments of a video removed; returns their ids."""
+        live = (Segment.video_id == video_id, Segment.removed.is_(False))
+        ids = list(s.scalars(select(Segment.id).where(*live)))
+        if ids:
+            s.execute(update(Segment).where(*live).values(removed=True))
+        return ids
+
+    def _recover_after_failure(self) -> None:
+        # The write may or may not have committed (a lost commit acknowledgement): ask SQL.
+        self._needs_recovery = True
+        try:
+            self._reconcile()
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
+
+    def _apply(self, remove: list[int], xb: np.ndarray | None, ids: np.ndarray, seq: int) -> None:
+        """Mirror a committed transaction in the in-memory FAISS index."""
+        try:
+            if remove:
+                self.vectors.remove_ids(np.asarray(remove, np.int64))
+            if xb is not None and len(ids):
+                self.vectors.add(xb, ids)
+        except BaseException:
+            self._faiss_valid = False  # rebuilt from the stores by the next recovery
+            self._needs_recovery = True
+            raise
+        self._faiss_rows, self._faiss_seq = self._rows, seq
+        self._dirty = True
+
+    def _remove_video(self, s: Session, video: Video, status: VideoStatus) -> tuple[list[int], int]:
+        old_ids = self._take_out_segments(s, video.id)
+        video.status = status.value
+        info = s.get(IndexInfo, 1, with_for_update=True)
+        if old_ids:
+            info.removal_seq += 1
+        return old_ids, info.removal_seq
+
+    def mark_failed(
+        self,
+        path: str,
+        error: str,
+        stat: os.stat_result | tuple[int, float] | None = None,
+        fingerprint: str | None = None,
+    ) -> int:
+        """Record that `path` could not be indexed; returns its video id.
+
+        Give `stat`/`fingerprint` when known so an unchanged failing file is not retried.
+        A failed video has no searchable segments: segments of an earlier version of the
+        file (which no longer matches it) are removed.
+        """
+        self._ready_for_writes()
+        try:
+            with self.db.sessions.begin() as s:
+                video = s.scalars(select(Video).where(Video.path == path)).one_or_none()
+                if video is None:
+                    video = Video(path=path, status=VideoStatus.FAILED.value)
+                    s.add(video)
+                    s.flush()
+                old_ids, seq = self._remove_video(s, video, VideoStatus.FAILED)
+                video.error = error
+                if stat is not None:
+                    video.size, video.mtime = _size_mtime(stat)
+                video.fingerprint = fingerprint
+                video_id = video.id
+        except BaseException:
+            self._recover_after_failure()
+            raise
+        _pause_point("sql_committed")
+        if self.vectors is not None:
+            self._apply(old_ids, None, np.zeros(0, np.int64), seq)
+        return video_id
+
+    def mark_removed(self, video: int | str) -> int:
+        """Flag a video (id or path) removed and take its segments out of search; returns
+        how many segments were removed. Their store rows stay (append-only)."""
+        self._ready_for_writes()
+        try:
+            with self.db.sessions.begin() as s:
+                where = Video.id == video if isinstance(video, int) else Video.path == video
+                row = s.scalars(select(Video).where(where)).one_or_none()
+                if row is None:
+                    raise IndexStoreError(f"index {self.directory} has no video {video!r}")
+                old_ids, seq = self._remove_video(s, row, VideoStatus.REMOVED)
+        except IndexStoreError:
+            raise
+        except BaseException:
+            self._recover_after_failure()
+            raise
+        _pause_point("sql_committed")
+        if self.vectors is not None:
+            self._apply(old_ids, None, np.zeros(0, np.int64), seq)
+        return len(old_ids)
+
+    def save_faiss(self) -> None:
+        """Write the FAISS index if it changed (call at batch boundaries and at the end)."""
+        if self.vectors is None or not self._dirty or not self._faiss_valid:
+            return
+        self.vectors.meta = {
+            "index_uuid": self._uuid,
+            "rows": self._faiss_rows,
+            "removal_seq": self._faiss_seq,
+            "factory": self.layout.faiss_factory if self.layout else None,
+        }
+        self.vectors.save(self.directory / FAISS_FILE)
+        self._dirty = False
+
+    # -- reads --------------------------------------------------------------------------
+
+    def known_videos(self) -> dict[str, KnownVideo]:
+        """Every video the index knows: path -> (size, mtime, fingerprint, status)."""
+        with self.db.sessions() as s:
+            rows = s.execute(
+                select(Video.path, Video.size, Video.mtime, Video.fingerprint, Video.status)
+            )
+            return {r.path: KnownVideo(r.size, r.mtime, r.fingerprint, r.status) for r in rows}
+
+    def search(
+        self, xq: np.ndarray, k: int, allowed_ids: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS top-k by inner product: (D, I), I = segment ids, -1 where fewer than k."""
+        if self.vectors is None:
+            xq = np.atleast_2d(xq)  # no model set yet: nothing to find (FAISS's "none" values)
+            none = -np.finfo(np.float32).max
+            return np.full((len(xq), k), none, np.float32), np.full((len(xq), k), -1, np.int64)
+        return self.vectors.search(xq, k, allowed_ids)
+
+    def segments(self, ids: Any) -> dict[int, SegmentInfo]:
+        """Metadata of segments `ids` (unknown ids and -1 are left out)."""
+        wanted = sorted({int(i) for i in np.asarray(ids).reshape(-1) if i >= 0})
+        out: dict[int, SegmentInfo] = {}
+        with self.db.sessions() as s:
+            for lo in range(0, len(wanted), 5000):  # stay under the servers' parameter limits
+                columns = (Segment.video_id, Video.path, Segment.start_s, Segment.end_s)
+                rows = s.execute(
+                    select(Segment.id, *columns, Segment.removed)
+                    .join(Video, Segment.video_id == Video.id)
+                    .where(Segment.id.in_(wanted[lo : lo + 5000]))
+                )
+                for r in rows:
+                    out[r.id] = SegmentInfo(r.id, r.video_id, r.path, r.start_s, r.end_s, r.removed)
+        return out
+
+    def segment_ids(self, path_prefix: str | None = None) -> np.ndarray:
+        """Ids of searchable segments, optionally of videos under `path_prefix` (for filters)."""
+        query = select(Segment.id).where(Segment.removed.is_(False)).order_by(Segment.id)
+        if path_prefix is not None:
+            query = query.join(Video, Segment.video_id == Video.id).where(
+                Video.path.startswith(path_prefix, autoescape=True)
+            )
+        with self.db.sessions() as s:
+            return np.asarray(s.scalars(query).all(), dtype=np.int64)
+
+    def _committed_ids(self, ids: Any) -> np.ndarray:
+        idx = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self._rows):
+            raise IndexStoreError(
+                f"index {self.directory}: segment ids must be in [0, {self._rows})"
+            )
+        return idx
+
+    def embeddings(self, ids: Any) -> np.ndarray:
+        """Stored embeddings of segments `ids`, float32 (K, d)."""
+        return self._require(self.embedding_store).get(self._committed_ids(ids))
+
+    def rerank_states(self, ids: Any) -> np.ndarray:
+        """Rerank states of segments `ids`, float32 (K, D + H), read from the mapped store."""
+        return self._require(self.rerank_store).get(self._committed_ids(ids))
+
+    def latents(self, ids: Any) -> np.ndarray:
+        """Full latents of segments `ids`, float32 (K, N, D); only if the index keeps them."""
+        layout = self._require_layout()
+        if layout.latent_shape is None or self.latent_store is None:
+            raise IndexStoreError(f"index {self.directory} keeps no latents")
+        rows = self.latent_store.get(self._committed_ids(ids))
+        return rows.reshape(len(rows), *layout.latent_shape)
+
+    def _require(self, store: RowStore | None) -> RowStore:
+        if store is None:
+            self._require_layout()
+            raise IndexStoreError(f"index {self.directory} is closed")
+        return store
+
+    def stats(self, recent_failures: int = 10) -> IndexStats:
+        """Counts, bytes on disk per file and the most recent failures."""
+        with self.db.sessions() as s:
+            count = func.count()
+            videos = dict(s.execute(select(Video.status, count).group_by(Video.status)).all())
+            seg = dict(s.execute(select(Segment.removed, count).group_by(Segment.removed)).all())
+            failures = s.execute(
+                select(Video.path, Video.error)
+                .where(Video.status == VideoStatus.FAILED.value)
+                .order_by(Video.updated_at.desc(), Video.id.desc())
+                .limit(recent_failures)
+            ).all()
+        sizes = {s.path.name: s.nbytes for s in self._stores()}
+        files = [self.directory / FAISS_FILE]
+        url = make_url(self.db_url)
+        if url.get_backend_name() == "sqlite" and url.database:
+            files += [Path(url.database + suffix) for suffix in ("", "-wal")]
+        sizes.update({f.name: f.stat().st_size for f in files if f.exists()})
+        return IndexStats(
+            videos={status.value: int(videos.get(status.value, 0)) for status in VideoStatus},
+            segments=int(seg.get(False, 0)),
+            removed_segments=int(seg.get(True, 0)),
+            rows=self._rows,
+            vectors=self.vectors.ntotal if self.vectors is not None else 0,
+            faiss=self.vectors.description if self.vectors is not None else "none",
+            bytes=sizes,
+            recent_failures=[(r.path, r.error) for r in failures],
+        )
+
+    # -- closing ------------------------------------------------------------------------
+
+    def _close_data(self) -> None:
+        for store in self._stores():
+            store.close()
+        self.embedding_store = self.rerank_store = self.latent_store = None
+        self.vectors = None
+        self._faiss_valid = self._dirty = False
+
+    def _release(self) -> None:
+        self._close_data()
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
+
+    def close(self) -> None:
+        """Save FAISS if it changed, close the stores and the database, release the lock."""
+        if self.db is None:
+            return
+        try:
+            if not self._needs_recovery:
+                self.save_faiss()
+        finally:
+            self._release()
+
+    def __enter__(self) -> IndexStore:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

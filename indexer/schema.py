@@ -1,0 +1,132 @@
+"""SQL schema of an index: videos, their segments, captions and one row of index metadata.
+
+SQL is the source of truth of an index (see indexer/index_store.py): a segment exists once
+its row is committed here, and its id is also its row number in the embedding, rerank-state
+and latent stores and its id in the FAISS index. Schema changes go through migrations/.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    false,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Named constraints, so that batch migrations on SQLite (which rebuild tables) can find them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class VideoStatus(str, enum.Enum):
+    INDEXED = "indexed"
+    FAILED = "failed"  # could not be decoded or encoded; `error` says why
+    REMOVED = "removed"  # the file is gone; its segments are flagged removed
+
+
+class Video(Base):
+    __tablename__ = "videos"
+    __table_args__ = (
+        CheckConstraint("status IN ('indexed', 'failed', 'removed')", name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(String, unique=True)
+    # Size/mtime/fingerprint may be unknown for a file that failed before it could be read.
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    mtime: Mapped[float | None] = mapped_column(Float)
+    fingerprint: Mapped[str | None] = mapped_column(String(64))  # sha256 hex of size + head + tail
+    duration: Mapped[float | None] = mapped_column(Float)  # seconds
+    fps: Mapped[float | None] = mapped_column(Float)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+    segments: Mapped[list[Segment]] = relationship(back_populates="video")
+    captions: Mapped[list[Caption]] = relationship(back_populates="video")
+
+
+class Segment(Base):
+    """One window of a video: one vector, one rerank-state row, one row in each store."""
+
+    __tablename__ = "segments"
+
+    # Not autoincremented: the id is the row number the stores gave it.
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id"), index=True)
+    start_s: Mapped[float] = mapped_column(Float)
+    end_s: Mapped[float] = mapped_column(Float)
+    # Rows stay in the append-only stores; a removed segment is only taken out of FAISS.
+    removed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+    video: Mapped[Video] = relationship(back_populates="segments")
+
+
+class Caption(Base):
+    """Optional ground-truth caption of a video, for evaluation."""
+
+    __tablename__ = "captions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    split: Mapped[str] = mapped_column(String(16), default="test")
+
+    video: Mapped[Video] = relationship(back_populates="captions")
+
+
+class IndexInfo(Base):
+    """The index's single metadata row (id = 1)."""
+
+    __tablename__ = "index_info"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False, default=1)
+    # Written into every store header and the FAISS file: a folder and a database that do
+    # not belong together are refused instead of "recovered" (which would truncate data).
+    index_uuid: Mapped[str] = mapped_column(String(32))
+    model_config: Mapped[str | None] = mapped_column(Text)  # the model's config as JSON
+    weights_fingerprint: Mapped[str | None] = mapped_column(String(128))
+    embedding_dim: Mapped[int | None] = mapped_column(Integer)  # d
+    rerank_width: Mapped[int | None] = mapped_column(Integer)  # D + H
+    latent_tokens: Mapped[int | None] = mapped_column(Integer)  # N, when latents are kept
+    latent_dim: Mapped[int | None] = mapped_column(Integer)  # D, when latents are kept
+    faiss_factory: Mapped[str | None] = mapped_column(String(128))  # None: automatic
+    # Crash-safety counters (see indexer/index_store.py): store rows that belong to
+    # committed segments, and a counter bumped by every transaction that removes segments.
+    committed_rows: Mapped[int] = mapped_column(BigInteger, default=0)
+    removal_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
