@@ -16,19 +16,10 @@ import torch
 from torch import Tensor
 
 from .tokenizer import Tokenizer
-
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
+from .video import to_model_input
 
 # decode(path) -> (frames uint8 (F, S, S, 3), mask bool (F,)); raising marks the video failed.
 DecodeFn = Callable[[str], tuple[np.ndarray, np.ndarray]]
-
-
-def normalise_frames(frames: np.ndarray | Tensor) -> Tensor:
-    """uint8 (..., F, S, S, 3) -> float (..., F, 3, S, S) with CLIP's mean and std."""
-    x = torch.as_tensor(np.asarray(frames)).float().div_(255)
-    x = (x - CLIP_MEAN) / CLIP_STD
-    return x.movedim(-1, -3).contiguous()
 
 
 @dataclass
@@ -114,7 +105,7 @@ class PairSet:
         frames = self.cache.frames[np.asarray(rows)[order]][np.argsort(order)]
         picks = [int(torch.randint(len(self.tokens[i]), (1,), generator=generator)) for i in indices]
         ids = torch.stack([self.tokens[i][p] for i, p in zip(indices, picks)])
-        return normalise_frames(frames), torch.as_tensor(self.cache.masks[rows]), ids
+        return to_model_input(frames, self.cache.masks[rows]) + (ids,)
 
     def all_captions(self) -> tuple[Tensor, list[int]]:
         """Every caption's token ids and the index of its video: evaluation queries."""
