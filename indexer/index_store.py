@@ -34,6 +34,17 @@ Crash-safety protocol (the process may be SIGKILLed at any instant):
 A second writer on the same folder is refused (``index.lock``, flock: released by the
 kernel when a process dies). The store headers and the FAISS file carry the index uuid
 from SQL, so a folder paired with the wrong database is refused rather than "recovered".
+
+Readers (``read_only=True``: searchers, the HTTP server) take no lock, so any number of them
+can be open, also while a writer runs, and they write nothing: no recovery, no truncation,
+no FAISS save, no schema migration, no new index files (SQLite itself may add its
+``-wal``/``-shm`` files next to a WAL database, which is how its readers and writers share
+it). A reader sees what SQL had committed when it opened (or last `refresh`ed): it reads
+store rows below ``committed_rows`` only, so rows a writer is appending, or that never
+commit, are simply not seen; it uses the FAISS file when that file is from this index and
+covers no more rows than SQL, catches it up in memory like recovery does (adds live rows
+above the file's rows, removes removed ids), and otherwise builds it in memory from the
+embedding store. `refresh` repeats that catch-up from the current FAISS in memory.
 """
 
 from __future__ import annotations
@@ -43,19 +54,36 @@ import hashlib
 import json
 import os
 import signal
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import quote
 
 import numpy as np
-from sqlalchemy import func, insert, select, update
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from indexer.database import Database, default_url, open_database
-from indexer.errors import IndexLockedError, IndexStoreError, ModelMismatchError, RowStoreError
+from indexer.database import (
+    Database,
+    _sqlite_on_begin,
+    alembic_config,
+    current_revisions,
+    default_url,
+    open_database,
+    session_factory,
+)
+from indexer.errors import (
+    IndexLockedError,
+    IndexStoreError,
+    ModelMismatchError,
+    RowStoreError,
+    SchemaTooNewError,
+)
 from indexer.row_store import RowStore, fsync_dir, read_tag
 from indexer.schema import IndexInfo, Segment, Video, VideoStatus
 from indexer.vector_index import DEFAULT_APPROX_THRESHOLD, VectorIndex
@@ -144,6 +172,47 @@ def _size_mtime(stat: os.stat_result | tuple[int, float]) -> tuple[int, float]:
     return int(size), float(mtime)
 
 
+def _layout_of(info: IndexInfo) -> IndexLayout | None:
+    if info.embedding_dim is None or info.rerank_width is None:
+        return None
+    latent = None
+    if info.latent_tokens is not None and info.latent_dim is not None:
+        latent = (info.latent_tokens, info.latent_dim)
+    return IndexLayout(info.embedding_dim, info.rerank_width, latent, info.faiss_factory)
+
+
+def _sqlite_read_only_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # transactions begin with the "begin" event
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA query_only=ON")  # on top of mode=ro
+    cursor.close()
+
+
+def _read_only_engine(url: str) -> Engine:
+    """An engine that cannot write: SQLite opened with ``mode=ro`` (never creates or
+    modifies the database file), PostgreSQL sessions ``READ ONLY``. Each session reads one
+    snapshot (SQLite transactions are snapshots; PostgreSQL gets REPEATABLE READ)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = Path(parsed.database).resolve()
+        query = {k: v for k, v in parsed.query.items() if k not in ("mode", "uri")}
+        ro = parsed.set(
+            database=f"file:{quote(str(path))}", query={**query, "mode": "ro", "uri": "true"}
+        )
+        engine = create_engine(ro, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_read_only_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        return create_engine(
+            url,
+            pool_pre_ping=True,
+            isolation_level="REPEATABLE READ",
+            execution_options={"postgresql_readonly": True},
+        )
+    return create_engine(url, pool_pre_ping=True)
+
+
 def _config_diff(stored: str, given: str) -> str:
     """The top-level config keys that differ, as 'key (stored vs given)'."""
     try:
@@ -158,23 +227,33 @@ def _config_diff(stored: str, given: str) -> str:
 
 
 class IndexStore:
-    """An open index folder (+ database). Single writer; use as a context manager."""
+    """An open index folder (+ database); use as a context manager.
+
+    One writer at a time (the default); with ``read_only=True`` any number of readers, also
+    while a writer runs: they take no lock, write nothing, refuse every write method and
+    see newly committed videos after `refresh()` (see the module doc).
+    """
 
     def __init__(
         self,
         directory: str | Path,
         db_url: str | None = None,
         *,
+        read_only: bool = False,
         approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
         nprobe: int | None = None,
         ef_search: int | None = None,
     ) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        if not read_only:
+            self.directory.mkdir(parents=True, exist_ok=True)
         self.db_url = db_url or default_url(self.directory)
         self.approx_threshold = approx_threshold
         self._search_params = {"nprobe": nprobe, "ef_search": ef_search}
-        self._lock_fd = self._lock()
+        self._lock_fd = None if read_only else self._lock()
+        self._view_lock = threading.RLock()  # refresh vs search in a threaded reader
+        self._data_layout: IndexLayout | None = None  # layout the open stores were made for
         self.db: Database | None = None
         self.embedding_store: RowStore | None = None
         self.rerank_store: RowStore | None = None
@@ -185,6 +264,13 @@ class IndexStore:
         self._faiss_valid = False
         self._dirty = False  # in-memory FAISS differs from the file
         self._needs_recovery = False
+        if read_only:
+            try:
+                self._open_read_only()
+            except BaseException:
+                self._release()
+                raise
+            return
         try:
             self.db = open_database(self.db_url)
             info = self._info_row()
@@ -231,13 +317,7 @@ class IndexStore:
     @property
     def layout(self) -> IndexLayout | None:
         """The stored layout, or None while no model has been set."""
-        info = self._info
-        if info.embedding_dim is None or info.rerank_width is None:
-            return None
-        latent = None
-        if info.latent_tokens is not None and info.latent_dim is not None:
-            latent = (info.latent_tokens, info.latent_dim)
-        return IndexLayout(info.embedding_dim, info.rerank_width, latent, info.faiss_factory)
+        return _layout_of(self._info)
 
     def _store_paths(self, layout: IndexLayout) -> list[tuple[Path, int]]:
         paths = [
@@ -264,6 +344,7 @@ class IndexStore:
             raise
         self.embedding_store, self.rerank_store = stores[0], stores[1]
         self.latent_store = stores[2] if len(stores) > 2 else None
+        self._data_layout = layout
         self.vectors = self._load_vectors(layout)
         self._reconcile()
 
@@ -320,27 +401,160 @@ class IndexStore:
                 store.truncate(rows)  # rows of an add whose SQL transaction never committed
         self._rows = rows
         with self.db.sessions() as s:
-            vectors = self.vectors
-            if vectors is None or not self._faiss_valid or self._faiss_rows > rows:
-                ids = self._live_ids(s, 0, rows)
-                vectors = self._new_vectors(layout)
-                vectors.rebuild_from(self.embedding_store.get(ids), ids)
-                self._dirty = True
-            else:
-                if self._faiss_seq != seq:
-                    removed = s.scalars(
-                        select(Segment.id).where(Segment.removed, Segment.id < self._faiss_rows)
-                    ).all()
-                    vectors.remove_ids(np.asarray(removed, np.int64))
-                    self._dirty = True
-                if self._faiss_rows < rows:
-                    ids = self._live_ids(s, self._faiss_rows, rows)
-                    vectors.add(self.embedding_store.get(ids), ids)
-                    self._dirty = True
-        self.vectors = vectors
-        self._faiss_rows, self._faiss_seq, self._faiss_valid = rows, seq, True
+            self._catch_up_vectors(s, layout, rows, seq)
         self._needs_recovery = False
         self.save_faiss()
+
+    def _catch_up_vectors(self, s: Session, layout: IndexLayout, rows: int, seq: int) -> None:
+        """Make the in-memory FAISS reflect `rows` committed rows and removal `seq`, read in
+        session `s`: rebuilt from the embedding store when it is missing, invalid or ahead,
+        otherwise caught up (removals, then the live rows above the ones it covers)."""
+        vectors = self.vectors
+        if vectors is None or not self._faiss_valid or self._faiss_rows > rows:
+            ids = self._live_ids(s, 0, rows)
+            vectors = self._new_vectors(layout)
+            vectors.rebuild_from(self.embedding_store.get(ids), ids)
+            self._dirty = True
+        else:
+            self._faiss_valid = False  # until it is caught up: a failure half-way rebuilds
+            if self._faiss_seq != seq:
+                removed = s.scalars(
+                    select(Segment.id).where(Segment.removed, Segment.id < self._faiss_rows)
+                ).all()
+                vectors.remove_ids(np.asarray(removed, np.int64))
+                self._dirty = True
+            if self._faiss_rows < rows:
+                ids = self._live_ids(s, self._faiss_rows, rows)
+                vectors.add(self.embedding_store.get(ids), ids)
+                self._dirty = True
+        self.vectors = vectors
+        self._faiss_rows, self._faiss_seq, self._faiss_valid = rows, seq, True
+
+    # -- read-only opening and refresh --------------------------------------------------
+
+    def _no_index(self) -> IndexStoreError:
+        return IndexStoreError(f"no index at {self.directory} (run `pvl-search index` first)")
+
+    def _open_read_only(self) -> None:
+        if not self.directory.is_dir():
+            raise self._no_index()
+        url = make_url(self.db_url)
+        if url.get_backend_name() == "sqlite":
+            # mode=ro never creates the file, but say clearly that there is no index here.
+            if not url.database or url.database == ":memory:" or not Path(url.database).is_file():
+                raise self._no_index()
+        engine = _read_only_engine(self.db_url)
+        self.db = Database(engine=engine, sessions=session_factory(engine))
+        self._check_schema_read_only()
+        with self.db.sessions() as s:
+            info = s.get(IndexInfo, 1)
+        if info is None or _layout_of(info) is None:
+            raise self._no_index()
+        self._info, self._uuid, self._rows = info, info.index_uuid, 0
+        self._check_folder_owner()
+        self._open_data_read_only()  # FAISS file read before the snapshot below: never ahead
+        self._sync_read_only()
+
+    def _check_schema_read_only(self) -> None:
+        """A reader does not migrate: the schema must be at this version's head already."""
+        script = ScriptDirectory.from_config(alembic_config())
+        head = script.get_current_head()
+        known = {rev.revision for rev in script.walk_revisions()}
+        with self.db.engine.connect() as conn:
+            revisions = current_revisions(conn)
+        where = make_url(self.db_url).render_as_string(hide_password=True)
+        if not revisions:
+            raise self._no_index()
+        unknown = [rev for rev in revisions if rev not in known]
+        if unknown:
+            raise SchemaTooNewError(
+                f"database {where} has schema revision {', '.join(unknown)}, which this "
+                f"version of pvl-search does not know (newest known: {head}); it was written "
+                "by a newer version, upgrade pvl-search to open it"
+            )
+        if revisions != (head,):
+            raise IndexStoreError(
+                f"database {where} of index {self.directory} has schema revision "
+                f"{', '.join(revisions)}, older than this version's {head}; a read-only open "
+                "does not migrate: open it for writing first (e.g. run `pvl-search index`)"
+            )
+
+    def _open_data_read_only(self) -> None:
+        """Open the stores read-only and load the FAISS file (if usable); no catch-up."""
+        layout = self.layout
+        assert layout is not None
+        tag = bytes.fromhex(self._uuid)
+        stores: list[RowStore] = []
+        try:
+            for path, width in self._store_paths(layout):
+                stores.append(RowStore(path, width, tag=tag, read_only=True))
+        except RowStoreError:
+            for store in stores:
+                store.close()
+            if self._info.committed_rows == 0 and not all(
+                path.exists() for path, _ in self._store_paths(layout)
+            ):
+                return  # nothing committed, the writer is (re)creating the stores: empty
+            raise
+        self.embedding_store, self.rerank_store = stores[0], stores[1]
+        self.latent_store = stores[2] if len(stores) > 2 else None
+        self._data_layout = layout
+        self.vectors = self._load_vectors(layout)
+
+    def _sync_read_only(self) -> bool:
+        """Bring the reader's view to what SQL has committed now; False if nothing changed."""
+        with self._view_lock, self.db.sessions() as s:  # one session: one snapshot
+            info = s.get(IndexInfo, 1)
+            if info is None or info.index_uuid != self._uuid:
+                raise IndexStoreError(
+                    f"the database of index {self.directory} was replaced while open"
+                )
+            self._info = info
+            layout = self.layout
+            rows, seq = info.committed_rows, info.removal_seq
+            if (
+                layout == self._data_layout
+                and self.vectors is not None
+                and self._faiss_valid
+                and (rows, seq) == (self._rows, self._faiss_seq)
+            ):
+                return False
+            if layout is None:
+                raise IndexStoreError(f"index {self.directory} has no model any more")
+            if layout != self._data_layout:
+                # Another model/layout on an empty index, or another FAISS factory.
+                self._close_data()
+                self._open_data_read_only()
+            if self.embedding_store is None:  # stores not there yet (rows == 0)
+                if rows > 0:
+                    raise RowStoreError(
+                        f"row store {self.directory / EMBEDDINGS_FILE} does not exist"
+                    )
+                self.vectors = self._new_vectors(layout)
+                self._faiss_rows, self._faiss_seq, self._faiss_valid = 0, seq, True
+                self._rows = 0
+                return True
+            for store in self._stores():
+                if store.refresh(rows) < rows:
+                    raise IndexStoreError(
+                        f"{store.path} has {len(store)} rows but the database has {rows} "
+                        "committed segments: the store has lost data (copied while "
+                        "indexing?); rebuild the index"
+                    )
+            self._catch_up_vectors(s, layout, rows, seq)
+            self._rows = rows
+            return True
+
+    def refresh(self) -> bool:
+        """Reader: see what writers have committed since the open or the last refresh (new
+        videos searchable, removed ones gone); the in-memory FAISS is caught up, never
+        saved. Cheap when nothing changed (one SQL query). Returns whether anything did.
+        A writer is always up to date: there it does nothing and returns False."""
+        if self.db is None:
+            raise IndexStoreError(f"index {self.directory} is closed")
+        if not self.read_only:
+            return False
+        return self._sync_read_only()
 
     @staticmethod
     def _live_ids(s: Session, lo: int, hi: int) -> np.ndarray:
@@ -428,7 +642,12 @@ class IndexStore:
 
     # -- writes -------------------------------------------------------------------------
 
+    def _refuse_read_only(self) -> None:
+        if self.read_only:
+            raise IndexStoreError(f"index opened read-only: {self.directory}")
+
     def _ready_for_writes(self) -> None:
+        self._refuse_read_only()
         if self.db is None:
             raise IndexStoreError(f"index {self.directory} is closed")
         if self._needs_recovery:
@@ -638,6 +857,7 @@ class IndexStore:
         """Write the FAISS index if it changed (call at batch boundaries and at the end)."""
         if self.vectors is None or not self._dirty or not self._faiss_valid:
             return
+        self._refuse_read_only()
         self.vectors.meta = {
             "index_uuid": self._uuid,
             "rows": self._faiss_rows,
@@ -661,11 +881,13 @@ class IndexStore:
         self, xq: np.ndarray, k: int, allowed_ids: Any = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """FAISS top-k by inner product: (D, I), I = segment ids, -1 where fewer than k."""
-        if self.vectors is None:
-            xq = np.atleast_2d(xq)  # no model set yet: nothing to find (FAISS's "none" values)
-            none = -np.finfo(np.float32).max
-            return np.full((len(xq), k), none, np.float32), np.full((len(xq), k), -1, np.int64)
-        return self.vectors.search(xq, k, allowed_ids)
+        with self._view_lock:  # a reader's refresh() changes the index in place
+            if self.vectors is None:
+                xq = np.atleast_2d(xq)  # no model set yet: nothing to find ("none" values)
+                none = -np.finfo(np.float32).max
+                D = np.full((len(xq), k), none, np.float32)
+                return D, np.full((len(xq), k), -1, np.int64)
+            return self.vectors.search(xq, k, allowed_ids)
 
     def segments(self, ids: Any) -> dict[int, SegmentInfo]:
         """Metadata of segments `ids` (unknown ids and -1 are left out)."""
@@ -719,8 +941,10 @@ class IndexStore:
 
     def _require(self, store: RowStore | None) -> RowStore:
         if store is None:
+            if self.db is None:
+                raise IndexStoreError(f"index {self.directory} is closed")
             self._require_layout()
-            raise IndexStoreError(f"index {self.directory} is closed")
+            raise IndexStoreError(f"index {self.directory} holds no segments yet")
         return store
 
     def stats(self, recent_failures: int = 10) -> IndexStats:
@@ -759,6 +983,7 @@ class IndexStore:
             store.close()
         self.embedding_store = self.rerank_store = self.latent_store = None
         self.vectors = None
+        self._data_layout = None
         self._faiss_valid = self._dirty = False
 
     def _release(self) -> None:
@@ -775,7 +1000,7 @@ class IndexStore:
         if self.db is None:
             return
         try:
-            if not self._needs_recovery:
+            if not self._needs_recovery and not self.read_only:
                 self.save_faiss()
         finally:
             self._release()

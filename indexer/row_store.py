@@ -11,6 +11,10 @@ File layout: a 64-byte header, then rows back to back::
 The tag is an opaque owner id (the index's uuid), checked on open when the caller gives one.
 A row cut short by a crash is not counted and is cut off on the next open; whole rows past
 what the database knows are cut by the index store's recovery with `truncate`.
+
+A store opened with ``read_only=True`` (a search process following a writer) never writes:
+the file is opened ``rb``, a torn last row is only left uncounted, and `refresh` re-reads the
+length as the writer appends, capped at the rows the caller knows are committed.
 """
 
 from __future__ import annotations
@@ -59,8 +63,10 @@ class RowStore:
         dtype: np.dtype | type | str = np.float16,
         tag: bytes = b"",
         create: bool = True,
+        read_only: bool = False,
     ) -> None:
         self.path = Path(path)
+        self.read_only = read_only
         self.width = int(width)
         self.dtype = np.dtype(dtype)
         if self.width <= 0:
@@ -71,21 +77,32 @@ class RowStore:
             raise ValueError("tag is at most 16 bytes")
         self.row_bytes = self.width * self.dtype.itemsize
         if not self.path.exists():
-            if not create:
+            if read_only or not create:
                 raise RowStoreError(f"row store {self.path} does not exist")
             self._create(tag)
-        self._fh = open(self.path, "r+b", buffering=0)  # unbuffered: mapped reads see appends
+        # Unbuffered: mapped reads see appends.
+        self._fh = open(self.path, "rb" if read_only else "r+b", buffering=0)
         try:
             self.tag = self._check_header(tag)
-            size = os.fstat(self._fh.fileno()).st_size
-            self._rows = (size - HEADER_SIZE) // self.row_bytes
-            if size != HEADER_SIZE + self._rows * self.row_bytes:
+            self._rows = self._rows_on_disk()
+            if not read_only and self._file_size() != HEADER_SIZE + self._rows * self.row_bytes:
                 # A partial row from an interrupted append: never acknowledged, drop it.
                 os.ftruncate(self._fh.fileno(), HEADER_SIZE + self._rows * self.row_bytes)
         except BaseException:
             self._fh.close()
             raise
         self._map: np.memmap | None = None
+
+    def _file_size(self) -> int:
+        return os.fstat(self._fh.fileno()).st_size
+
+    def _rows_on_disk(self) -> int:
+        """Whole rows in the file now (a partial last row is not counted)."""
+        return max(0, (self._file_size() - HEADER_SIZE) // self.row_bytes)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise RowStoreError(f"row store {self.path} is opened read-only")
 
     def _create(self, tag: bytes) -> None:
         header = _HEADER.pack(MAGIC, VERSION, self.width, self.dtype.str.encode(), tag)
@@ -144,6 +161,7 @@ class RowStore:
 
         Not durable until `flush()`.
         """
+        self._writable()
         rows = np.asarray(rows)
         if rows.ndim != 2 or rows.shape[1] != self.width:
             raise ValueError(
@@ -163,6 +181,7 @@ class RowStore:
 
     def flush(self) -> None:
         """Make every appended row durable (fsync)."""
+        self._writable()
         os.fsync(self._fh.fileno())
 
     def _mapped(self, upto: int) -> np.memmap:
@@ -184,12 +203,26 @@ class RowStore:
 
     def truncate(self, n: int) -> None:
         """Drop every row from `n` on (crash recovery) and make that durable."""
+        self._writable()
         if n < 0 or n > self._rows:
             raise RowStoreError(f"{self.path.name}: cannot truncate {self._rows} rows to {n}")
         self._map = None  # a mapping past the new end would fault on access
         os.ftruncate(self._fh.fileno(), HEADER_SIZE + n * self.row_bytes)
         os.fsync(self._fh.fileno())
         self._rows = n
+
+    def refresh(self, upto: int | None = None) -> int:
+        """Re-read how many whole rows the file holds, counting at most `upto`; returns the
+        new length. For a read-only store following a writer: rows past what the database
+        has committed may be an append in progress (or one that never commits and is
+        truncated later), so the caller caps the count at its committed rows."""
+        rows = self._rows_on_disk()
+        if upto is not None:
+            rows = min(rows, int(upto))
+        if rows < self._rows:
+            self._map = None  # never touch a mapping past a shorter count
+        self._rows = rows
+        return rows
 
     def close(self) -> None:
         self._map = None

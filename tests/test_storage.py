@@ -3,6 +3,7 @@ migrations, row stores, the FAISS wrapper, and IndexStore consistency across SIG
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy.engine import make_url
 
 from indexer.database import current_revisions, head_revision, open_database
 from indexer.errors import (
@@ -25,6 +27,7 @@ from indexer.errors import (
     RowStoreError,
     SchemaTooNewError,
 )
+import indexer.index_store as index_store_module
 from indexer.index_store import (
     EMBEDDINGS_FILE,
     FAISS_FILE,
@@ -131,6 +134,8 @@ def test_refuses_a_database_from_a_newer_version(db_url: str, tmp_path: Path) ->
     # The refusal released the folder: nothing holds its lock.
     with pytest.raises(SchemaTooNewError):
         IndexStore(tmp_path / "idx", db_url)
+    with pytest.raises(SchemaTooNewError, match="newer version"):
+        IndexStore(tmp_path / "idx", db_url, read_only=True)
 
 
 # -- row store -------------------------------------------------------------------------
@@ -193,6 +198,42 @@ def test_row_store_truncate_and_torn_row(tmp_path: Path) -> None:
         assert path.stat().st_size == HEADER_SIZE + 7 * 8
         assert store.append(np.full((1, 4), 2.0)) == 7
         np.testing.assert_array_equal(store.get([7]), [[2, 2, 2, 2]])
+
+
+def test_row_store_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "rows.f16"
+    writer = RowStore(path, 4, tag=b"\x07")
+    writer.append(np.arange(24, dtype=np.float32).reshape(6, 4))
+    writer.flush()
+    with open(path, "ab") as f:  # an append in progress: half a row
+        f.write(b"\x00\x3c\x00")
+    size = path.stat().st_size
+    with pytest.raises(RowStoreError, match="does not exist"):
+        RowStore(tmp_path / "missing.f16", 4, read_only=True)  # never created
+    assert not (tmp_path / "missing.f16").exists()
+    with pytest.raises(RowStoreError, match="another index"):
+        RowStore(path, 4, tag=b"\x08", read_only=True)
+    reader = RowStore(path, 4, tag=b"\x07", read_only=True)
+    assert len(reader) == 6 and path.stat().st_size == size  # torn row ignored, not cut
+    np.testing.assert_array_equal(reader.get([5]), [[20, 21, 22, 23]])
+    for write in (
+        lambda: reader.append(np.ones((1, 4))),
+        reader.flush,
+        lambda: reader.truncate(2),
+    ):
+        with pytest.raises(RowStoreError, match="read-only"):
+            write()
+    assert reader.refresh(upto=4) == 4  # capped at what the caller knows is committed
+    with pytest.raises(RowStoreError, match="row 4 does not exist"):
+        reader.get([4])
+    writer.close()
+    writer = RowStore(path, 4)  # the writer's open cuts the torn row; it appends more
+    writer.append(np.full((2, 4), 7.0))
+    writer.flush()
+    assert reader.refresh() == 8
+    np.testing.assert_array_equal(reader.get([7, 0]), [[7] * 4, [0, 1, 2, 3]])
+    writer.close()
+    reader.close()
 
 
 # -- FAISS -----------------------------------------------------------------------------
@@ -428,7 +469,8 @@ store.close()
 """
 
 
-def run_until_killed(folder: Path, db_url: str, op: str, stage: str, log: Path) -> None:
+def start_paused(folder: Path, db_url: str, op: str, stage: str, log: Path) -> subprocess.Popen:
+    """A child writer running `op`, stopped (SIGSTOP, still alive, lock held) at `stage`."""
     env = {**os.environ, PAUSE_ENV: stage, "PYTHONPATH": str(REPO)}
     with open(log, "wb") as err:
         cmd = [sys.executable, "-c", CHILD, str(folder), db_url, op]
@@ -444,9 +486,17 @@ def run_until_killed(folder: Path, db_url: str, op: str, stage: str, log: Path) 
         proc.kill()
         pytest.fail(f"child never reached {stage}")
     assert os.WIFSTOPPED(status), f"child ended before {stage}:\n{log.read_text()}"
+    return proc
+
+
+def kill(proc: subprocess.Popen) -> None:
     os.kill(proc.pid, signal.SIGKILL)  # the crash, inside the window
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+def run_until_killed(folder: Path, db_url: str, op: str, stage: str, log: Path) -> None:
+    kill(start_paused(folder, db_url, op, stage, log))
 
 
 @pytest.mark.parametrize(
@@ -496,3 +546,242 @@ def test_fingerprint_file(tmp_path: Path) -> None:
         f.seek((3 << 20) - 10)
         f.write(b"x")
     assert fingerprint_file(path) != first
+
+
+# -- read-only opens (searchers) ---------------------------------------------------------
+
+
+def folder_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_untouched(root: Path, before: dict[str, str]) -> None:
+    """Every file is byte-identical; the only new files may be SQLite's own -wal (empty)
+    and -shm, which any connection to a WAL database creates."""
+    after = folder_hashes(root)
+    assert {k: after.get(k) for k in before} == before
+    new = set(after) - set(before)
+    assert all(name.endswith(("-wal", "-shm")) for name in new), new
+    for name in new:
+        if name.endswith("-wal"):
+            assert (root / name).stat().st_size == 0
+
+
+def build_index(folder: Path, db_url: str) -> None:
+    with IndexStore(folder, db_url) as store:
+        store.set_model(CONFIG, WEIGHTS, LAYOUT)
+        add(store, "/v/a.mp4", 4, seed=1)  # ids 0-3
+        add(store, "/v/b.mp4", 3, seed=2)  # ids 4-6
+
+
+def live_ids(store: IndexStore) -> list[int]:
+    return sorted(store.vectors.ids().tolist())
+
+
+def test_readers_alongside_a_writer(db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "idx"
+    writer = IndexStore(folder, db_url)
+    writer.set_model(CONFIG, WEIGHTS, LAYOUT)
+    add(writer, "/v/a.mp4", 4, seed=1)
+    add(writer, "/v/b.mp4", 3, seed=2)
+    writer.save_faiss()
+    # The writer holds the lock (the same process cannot open a second writer either).
+    with pytest.raises(IndexLockedError):
+        IndexStore(folder, db_url)
+    first = IndexStore(folder, db_url, read_only=True)
+    second = IndexStore(folder, db_url, read_only=True)  # several readers at once
+    for reader in (first, second):
+        assert reader.stats().rows == 7 and live_ids(reader) == list(range(7))
+        assert set(reader.known_videos()) == {"/v/a.mp4", "/v/b.mp4"}
+        emb_b, rerank_b = video_rows(3, seed=2)
+        _, I = reader.search(emb_b, 1)
+        assert I[:, 0].tolist() == [4, 5, 6]
+        assert reader.segments([5])[5].path == "/v/b.mp4"
+        np.testing.assert_allclose(reader.rerank_states([4, 5, 6]), rerank_b, atol=2e-3)
+        assert_consistent(reader, db_url)
+        assert reader.refresh() is False  # nothing new
+    # The writer goes on; readers see it on refresh, not before.
+    add(writer, "/v/c.mp4", 2, seed=3)  # ids 7-8
+    emb_c, _ = video_rows(2, seed=3)
+    assert first.stats().rows == 7 and not np.isin(first.search(emb_c, 9)[1], [7, 8]).any()
+    with pytest.raises(IndexStoreError, match=r"\[0, 7\)"):
+        first.embeddings([7])  # not committed as far as this reader knows
+    assert first.refresh() is True and first.refresh() is False
+    assert first.search(emb_c, 1)[1][:, 0].tolist() == [7, 8]
+    assert_consistent(first, db_url)
+    writer.mark_removed("/v/a.mp4")
+    writer.mark_failed("/v/b.mp4", "gone bad")
+    assert first.refresh() is True
+    assert live_ids(first) == [7, 8]
+    assert first.known_videos()["/v/b.mp4"].status == "failed"
+    assert_consistent(first, db_url)
+    assert second.refresh() is True  # several changes at once, from the FAISS it had
+    assert live_ids(second) == [7, 8]
+    assert_consistent(second, db_url)
+    # Readers hold no lock: with them open, the writer closes and a new one opens.
+    writer.close()
+    with IndexStore(folder, db_url) as writer:
+        add(writer, "/v/d.mp4", 1, seed=4)  # id 9
+    assert second.refresh() is True and live_ids(second) == [7, 8, 9]
+    first.close()
+    second.close()
+
+
+def test_readers_write_nothing(db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "idx"
+    with IndexStore(folder, db_url) as store:
+        store.set_model(CONFIG, WEIGHTS, LAYOUT)
+        add(store, "/v/a.mp4", 4, seed=1)
+        add(store, "/v/b.mp4", 3, seed=2)
+        store.save_faiss()
+        stale = (folder / FAISS_FILE).read_bytes()  # 7 rows, removal_seq 0
+        add(store, "/v/c.mp4", 5, seed=3)
+        store.mark_removed("/v/b.mp4")
+    # Rows of an append that never committed, the last one torn: a reader must not read
+    # them, nor cut them off (that is the next writer's recovery).
+    with open(folder / EMBEDDINGS_FILE, "ab") as f:
+        f.write(b"\x00\x3c" * (D_EMB + 3))
+    cases = {
+        "current": lambda: None,
+        "stale": lambda: (folder / FAISS_FILE).write_bytes(stale),
+        "damaged": lambda: (folder / FAISS_FILE).write_bytes(b"PVLFAISS garbage"),
+        "missing": lambda: (folder / FAISS_FILE).unlink(),
+    }
+    for case, prepare in cases.items():
+        prepare()
+        before = folder_hashes(tmp_path)
+        with IndexStore(folder, db_url, read_only=True) as reader:
+            assert reader.stats().rows == 12, case
+            assert live_ids(reader) == [0, 1, 2, 3, 7, 8, 9, 10, 11], case
+            assert_consistent(reader, db_url)
+            assert reader.refresh() is False
+        assert_untouched(tmp_path, before)
+    assert not (folder / FAISS_FILE).exists()
+
+
+def test_read_only_refuses_writes(db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "idx"
+    build_index(folder, db_url)
+    (folder / FAISS_FILE).unlink()  # the reader builds FAISS in memory: it is "dirty"
+    emb, rerank = video_rows(1, seed=9)
+    with IndexStore(folder, db_url, read_only=True) as reader:
+        writes = {
+            "add_video": lambda: reader.add_video(
+                "/v/x.mp4", (1, 1.0), "x", VideoInfo(), [(0, 1)], emb, rerank
+            ),
+            "mark_failed": lambda: reader.mark_failed("/v/a.mp4", "no"),
+            "mark_removed": lambda: reader.mark_removed("/v/a.mp4"),
+            "set_model": lambda: reader.set_model(CONFIG, WEIGHTS, LAYOUT),
+            "save_faiss": reader.save_faiss,
+        }
+        for name, write in writes.items():
+            with pytest.raises(IndexStoreError, match="index opened read-only"):
+                write()
+        assert {p: v.status for p, v in reader.known_videos().items()} == {
+            "/v/a.mp4": "indexed",
+            "/v/b.mp4": "indexed",
+        }
+        reader.check_model(CONFIG, WEIGHTS)  # reads are fine
+    assert not (folder / FAISS_FILE).exists()
+
+
+def test_read_only_open_of_no_index(db_url: str, tmp_path: Path) -> None:
+    missing = tmp_path / "nothing"
+    with pytest.raises(IndexStoreError, match=r"no index at .*nothing \(run `pvl-search index`"):
+        IndexStore(missing, read_only=True)
+    assert not missing.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(IndexStoreError, match="no index at"):
+        IndexStore(empty, read_only=True)  # default database: index.sqlite in the folder
+    with pytest.raises(IndexStoreError, match="no index at"):
+        IndexStore(empty, db_url, read_only=True)  # an empty database
+    assert list(empty.iterdir()) == []
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        assert not Path(url.database).exists()
+    else:  # nothing created in the database either
+        engine = create_engine(db_url)
+        assert inspect(engine).get_table_names() == []
+        engine.dispose()
+    # An index whose model is not set yet holds nothing to search either.
+    with IndexStore(tmp_path / "idx", db_url):
+        pass
+    with pytest.raises(IndexStoreError, match="no index at"):
+        IndexStore(tmp_path / "idx", db_url, read_only=True)
+
+
+def test_read_only_open_does_not_migrate(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build_index(tmp_path / "idx", db_url)
+
+    class NewerScripts:  # this version knows a revision past the database's
+        @staticmethod
+        def from_config(_cfg: object) -> NewerScripts:
+            return NewerScripts()
+
+        def get_current_head(self) -> str:
+            return "0002_future"
+
+        def walk_revisions(self) -> list[object]:
+            return [type("Rev", (), {"revision": r}) for r in (head_revision(), "0002_future")]
+
+    monkeypatch.setattr(index_store_module, "ScriptDirectory", NewerScripts)
+    with pytest.raises(IndexStoreError, match="open it for writing first") as raised:
+        IndexStore(tmp_path / "idx", db_url, read_only=True)
+    assert not isinstance(raised.value, SchemaTooNewError)
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        assert current_revisions(conn) == (head_revision(),)
+    engine.dispose()
+
+
+def test_reader_refresh_follows_a_new_layout(db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "idx"
+    with IndexStore(folder, db_url) as writer:
+        writer.set_model(CONFIG, WEIGHTS, LAYOUT)
+        with IndexStore(folder, db_url, read_only=True) as reader:  # a model, no segments
+            assert reader.stats().rows == 0 and reader.search(np.ones(D_EMB), 3)[1].max() == -1
+            wide = IndexLayout(D_EMB, D_RERANK + 2)  # still empty: the layout may change
+            writer.set_model(CONFIG, WEIGHTS, wide)
+            emb, _ = video_rows(2, seed=1)
+            spans = [(0, 1), (1, 2)]
+            writer.add_video("/v/a.mp4", (1, 1.0), "f", VideoInfo(), spans, emb, np.ones((2, 12)))
+            assert reader.refresh() is True
+            assert reader.layout == wide and reader.rerank_states([1]).shape == (1, 12)
+            assert_consistent(reader, db_url)
+
+
+@pytest.mark.parametrize("stage", ["stores_appended", "sql_committed"])
+def test_readers_while_a_writer_process_is_stopped(db_url: str, tmp_path: Path, stage: str) -> None:
+    folder = tmp_path / "idx"
+    build_index(folder, db_url)
+    old = IndexStore(folder, db_url, read_only=True)
+    child = start_paused(folder, db_url, "add", stage, tmp_path / "child.log")
+    try:
+        with pytest.raises(IndexLockedError):  # the child really holds the index
+            IndexStore(folder, db_url)
+        # Its rows are on disk (stores_appended) or committed too, FAISS file not saved.
+        assert (folder / EMBEDDINGS_FILE).stat().st_size == HEADER_SIZE + 10 * D_EMB * 2
+        committed = stage == "sql_committed"
+        with IndexStore(folder, db_url, read_only=True) as new:
+            assert new.stats().rows == (10 if committed else 7)
+            assert ("/v/new.mp4" in new.known_videos()) == committed
+            assert len(new.embedding_store) == new.stats().rows
+            assert_consistent(new, db_url)
+        assert old.refresh() is committed
+        assert old.stats().rows == (10 if committed else 7)
+        assert_consistent(old, db_url)
+    finally:
+        kill(child)
+    with IndexStore(folder, db_url) as writer:  # recovery cuts uncommitted rows: harmless
+        add(writer, "/v/after.mp4", 2, seed=5)
+    rows = 12 if committed else 9
+    assert old.refresh() is True and old.stats().rows == rows
+    assert_consistent(old, db_url)
+    old.close()
