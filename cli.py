@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -17,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str) -> typer.Exit:
@@ -94,6 +96,197 @@ def profile(
         f"reranking one candidate: factorised costs {plain.gflops / factorised.gflops:.0f}x fewer FLOPs "
         f"than the plain decoder"
     )
+
+
+# --------------------------------------------------------------------------- shared options
+IndexDir = Annotated[Path, typer.Option("--index", "-i", help="Index folder (SQLite database, FAISS and stores live here).")]
+DbUrl = Annotated[
+    Optional[str],
+    typer.Option("--db", help="SQLAlchemy URL of the metadata database, e.g. postgresql+psycopg://u@host/db "
+                 "(default: SQLite inside the index folder)."),
+]
+ModelDir = Annotated[
+    Optional[Path], typer.Option("--model", help="Model folder (config.json + model.safetensors); default: the shipped model.")
+]
+Device = Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+
+
+def _domain_errors() -> tuple[type[Exception], ...]:
+    from indexer.errors import IndexStoreError
+    from pvl_search.checkpoint import CheckpointError
+    from pvl_search.video import VideoDecodeError
+
+    return (IndexStoreError, CheckpointError, VideoDecodeError, FileNotFoundError, ValueError)
+
+
+def _load_runner(model: Path | None, device: str | None, cross_layers: int | None = None):  # noqa: ANN202
+    from indexer.encoding import ModelRunner
+
+    return ModelRunner.from_folder(model, device=device, cross_layers=cross_layers)
+
+
+@app.command()
+def index(
+    paths: Annotated[list[Path], typer.Argument(help="Video files or folders (searched recursively).")] = None,
+    index_dir: IndexDir = Path("pvl-index"),
+    db: DbUrl = None,
+    model: ModelDir = None,
+    window: Annotated[float, typer.Option(help="Segment length in seconds; shorter videos are one segment.")] = 10.0,
+    stride: Annotated[float, typer.Option(help="Seconds between segment starts (at most).")] = 5.0,
+    batch_size: Annotated[int, typer.Option(help="Clips per encoder call.")] = 8,
+    workers: Annotated[int, typer.Option(help="Decoder processes.")] = 2,
+    timeout: Annotated[float, typer.Option(help="Seconds a decoder may make no progress before it is killed.")] = 60.0,
+    decoder: Annotated[str, typer.Option(help="auto (decord, then PyAV), decord or pyav.")] = "auto",
+    store_latents: Annotated[bool, typer.Option(help="Also keep each segment's full N x D latents.")] = False,
+    faiss_factory: Annotated[Optional[str], typer.Option(help="FAISS factory string, e.g. HNSW32 (default: exact, "
+                                                           "switching to IVF past 50k segments).")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="Retry files that failed before even if unchanged.")] = False,
+    rebuild: Annotated[bool, typer.Option(help="Only recreate the FAISS index from the stored embeddings.")] = False,
+    device: Device = None,
+    as_json: AsJson = False,
+) -> None:
+    """Index videos: new and changed files are decoded and encoded, removed ones dropped.
+
+    Safe to interrupt at any moment and run again. Exit code 0: all files indexed;
+    2: some files failed (listed, and recorded in the index); 1: an error stopped the run.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from indexer.index_store import IndexStore
+    from indexer.pipeline import IndexOptions, build_index, rebuild_vectors
+
+    try:
+        if rebuild:
+            count = rebuild_vectors(index_dir, db)
+            console.print(json.dumps({"rebuilt_vectors": count}) if as_json else f"rebuilt FAISS index: {count} vectors")
+            return
+        if not paths:
+            raise fail("give at least one video file or folder to index")
+        if decoder not in ("auto", "decord", "pyav"):
+            raise fail(f"--decoder must be auto, decord or pyav, not {decoder!r}")
+        runner = _load_runner(model, device)
+        options = IndexOptions(window, stride, batch_size, workers, timeout, decoder, store_latents,
+                               faiss_factory, retry_failed)
+        with IndexStore(index_dir, db) as store, Progress(
+            TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:.1f} videos/s"), TimeRemainingColumn(),
+            console=err_console, disable=as_json, transient=False,
+        ) as bar:
+            task = bar.add_task("index", total=None, rate=0.0)
+            started = time.perf_counter()
+
+            def on_progress(p) -> None:  # noqa: ANN001
+                rate = p.done / max(1e-9, time.perf_counter() - started)
+                bar.update(task, completed=p.done, total=p.total, rate=rate)
+
+            summary = build_index(paths, store, runner, options, progress=on_progress)
+    except _domain_errors() as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        print(json.dumps(summary.to_dict()))
+    else:
+        console.print(
+            f"indexed {summary.indexed} ({summary.segments} segments), unchanged {summary.unchanged}, "
+            f"removed {summary.removed}, failed {len(summary.failed)} — {summary.seconds:.1f} s"
+        )
+        for path, reason in summary.failed.items():
+            err_console.print(f"[yellow]failed:[/yellow] {path}: {reason}", highlight=False)
+    if summary.failed:
+        raise typer.Exit(code=2)
+
+
+@app.command()
+def status(index_dir: IndexDir = Path("pvl-index"), db: DbUrl = None, as_json: AsJson = False) -> None:
+    """Counts, bytes on disk per store, the model that built the index, recent failures."""
+    from indexer.index_store import IndexStore
+
+    try:
+        with IndexStore(index_dir, db, read_only=True) as store:
+            stats = store.stats()
+            config_json, fingerprint = store.model()
+    except _domain_errors() as exc:
+        raise fail(str(exc)) from None
+    model = json.loads(config_json) if config_json else {}
+    data = {
+        "index": str(index_dir), "videos": stats.videos, "segments": stats.segments,
+        "removed_segments": stats.removed_segments, "vectors": stats.vectors, "faiss": stats.faiss,
+        "bytes": stats.bytes, "model": {"fingerprint": fingerprint, "config": model},
+        "recent_failures": [{"path": p, "error": e} for p, e in stats.recent_failures],
+    }
+    if as_json:
+        print(json.dumps(data))
+        return
+    table = Table(title=f"index {index_dir}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("videos", ", ".join(f"{k} {v}" for k, v in stats.videos.items()))
+    table.add_row("segments", f"{stats.segments} searchable, {stats.removed_segments} removed")
+    table.add_row("vectors", f"{stats.vectors} ({stats.faiss})")
+    for name, size in stats.bytes.items():
+        table.add_row(f"  {name}", f"{size / 1e6:.2f} MB")
+    table.add_row("model", f"{fingerprint[:12] if fingerprint else '-'} (hidden {model.get('hidden')}, "
+                  f"N={model.get('latents')}, {model.get('frames')} frames)")
+    console.print(table)
+    for path, error in stats.recent_failures:
+        err_console.print(f"[yellow]failed:[/yellow] {path}: {error}", highlight=False)
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for, in words.")],
+    index_dir: IndexDir = Path("pvl-index"),
+    k: Annotated[int, typer.Option("-k", help="Videos to return.")] = 10,
+    rerank_k: Annotated[int, typer.Option(help="Segments retrieved by FAISS and reranked.")] = 50,
+    rerank: Annotated[str, typer.Option(help="mixed (stored rerank states), single (decode again; slow), none.")] = "mixed",
+    fusion: Annotated[str, typer.Option(help="sum: retrieval similarity + rerank logit; rerank: the logit alone.")] = "sum",
+    cross_layers: Annotated[Optional[int], typer.Option(help="Keep only the first C cross-attentions for the query.")] = None,
+    glob: Annotated[Optional[str], typer.Option(help="Only videos whose path matches this pattern, e.g. '*/news/*'.")] = None,
+    min_duration: Annotated[Optional[float], typer.Option(help="Only videos at least this many seconds long.")] = None,
+    max_duration: Annotated[Optional[float], typer.Option(help="Only videos at most this many seconds long.")] = None,
+    since: Annotated[Optional[str], typer.Option(help="Only videos added since this ISO date/time.")] = None,
+    db: DbUrl = None,
+    model: ModelDir = None,
+    device: Device = None,
+    as_json: AsJson = False,
+) -> None:
+    """Find the videos (and the moment inside each) that match a text query."""
+    from datetime import datetime, timezone
+
+    from indexer.searcher import Searcher, SearchFilters
+
+    try:
+        added = None
+        if since:
+            added = datetime.fromisoformat(since)
+            added = added if added.tzinfo else added.replace(tzinfo=timezone.utc)
+        filters = SearchFilters(glob, min_duration, max_duration, added)
+        if not query.strip():
+            raise fail("the query is empty: say what to look for")
+        runner = _load_runner(model, device, cross_layers)
+        with Searcher(index_dir, db_url=db, runner=runner) as searcher:
+            result = searcher.search(query, k=k, rerank_k=rerank_k, rerank=rerank, fusion=fusion, filters=filters)
+    except _domain_errors() as exc:
+        raise fail(str(exc)) from None
+    if result.truncated:
+        err_console.print(f"note: the query is longer than {runner.config.text_length} tokens; the rest was ignored")
+    if as_json:
+        for hit in result.hits:
+            print(json.dumps(hit.to_dict()))
+        return
+    table = Table(title=f"{query!r} ({rerank} rerank, {result.timings_ms['total']:.0f} ms)")
+    for column in ("#", "score", "retrieval", "rerank", "moment", "path"):
+        table.add_column(column, justify="right" if column not in ("moment", "path") else "left")
+    for hit in result.hits:
+        best = hit.best
+        table.add_row(
+            str(hit.rank), f"{hit.score:.3f}", f"{best.retrieval_score:.3f}",
+            "-" if best.rerank_score is None else f"{best.rerank_score:.2f}",
+            f"{best.start_s:.1f}-{best.end_s:.1f} s", hit.path,
+        )
+    console.print(table)
+    if not result.hits:
+        console.print("no matching videos")
 
 
 if __name__ == "__main__":
