@@ -289,5 +289,112 @@ def search(
         console.print("no matching videos")
 
 
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write videos/ and captions.json into.")],
+    n: Annotated[int, typer.Option("--n", help="Number of videos (groups of four hard-negative twins).")] = 2000,
+    seed: Annotated[int, typer.Option(help="Everything is deterministic from the seed.")] = 0,
+    size: Annotated[int, typer.Option(help="Frame side in pixels.")] = 64,
+    fps: Annotated[int, typer.Option(help="Frames per second.")] = 8,
+    seconds: Annotated[float, typer.Option(help="Length of each video.")] = 3.0,
+    workers: Annotated[int, typer.Option(help="Rendering processes.")] = 2,
+    as_json: AsJson = False,
+) -> None:
+    """Write a synthetic video-caption benchmark: real MP4 files whose captions need motion,
+    temporal order and attribute binding to match (train / val / test splits, hard negatives,
+    held-out combinations in test)."""
+    from rich.progress import Progress
+
+    from pvl_search.synth import generate_corpus
+
+    try:
+        with Progress(console=err_console, disable=as_json) as bar:
+            task = bar.add_task("rendering", total=n)
+            summary = generate_corpus(out, n, seed, size=size, fps=fps, seconds=seconds, workers=workers,
+                                      progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        print(json.dumps(summary.to_dict()))
+        return
+    table = Table(title=f"{summary.videos} videos in {summary.out_dir} ({summary.bytes_on_disk / 1e6:.1f} MB)")
+    table.add_column("")
+    for split in ("train", "val", "test"):
+        table.add_column(split, justify="right")
+    table.add_row("videos", *(str(summary.splits.get(sp, 0)) for sp in ("train", "val", "test")))
+    for factor, counts in summary.factors.items():
+        table.add_row(factor, *(str(counts.get(sp, 0)) for sp in ("train", "val", "test")))
+    console.print(table)
+    console.print(f"captions: {summary.captions_path}")
+
+
+@app.command()
+def train(
+    captions: Annotated[Path, typer.Option(help="Captions file (pvl-search JSON, MSR-VTT JSON or WebVid CSV).")],
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints last/ and best/, log.jsonl, run.json.")],
+    config: Annotated[str, typer.Option(help="Model preset: tiny or base.")] = "tiny",
+    epochs: Annotated[int, typer.Option(help="Passes over the training videos.")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Videos per step (in-batch negatives).")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = 5e-4,
+    warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed for weights, batches and LayerDrop.")] = 0,
+    mixed_vtm: Annotated[float, typer.Option(help="Weight of the mixed-stream VTM loss (hard negatives).")] = 1.0,
+    single_vtm: Annotated[float, typer.Option(help="Weight of the single-stream VTM loss.")] = 0.0,
+    mlm: Annotated[float, typer.Option(help="Weight of masked language modelling.")] = 0.0,
+    init: Annotated[Optional[str], typer.Option(help="clip:MODEL:PATH, e.g. clip:ViT-B-16:/models/vit_b16.safetensors.")] = None,
+    train_only: Annotated[str, typer.Option(help="all, or cross (stage one after --init: CLIP parts frozen).")] = "all",
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,
+    limit: Annotated[Optional[int], typer.Option(help="Use at most this many videos per split.")] = None,
+    device: Device = None,
+    as_json: AsJson = False,
+) -> None:
+    """Train a Perceiver-VL model on (video, caption) pairs (contrastive + VTM with hard
+    negatives [+ MLM]); keeps the checkpoint with the best validation R@1."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from indexer.encoding import pick_device
+    from pvl_search.config import preset
+    from pvl_search.losses import LossWeights
+    from pvl_search.recipe import train_from_captions
+    from pvl_search.train import TrainConfig
+
+    try:
+        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup, seed=seed,
+                          checkpoint_every=checkpoint_every, device=str(pick_device(device)),
+                          losses=LossWeights(mixed_vtm=mixed_vtm, single_vtm=single_vtm, mlm=mlm))
+        model_config = preset(config)
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                      TimeRemainingColumn(), console=err_console, disable=as_json) as bar:
+            cache_task = bar.add_task("decoding", total=None, info="")
+            train_task = bar.add_task("training", total=None, info="", visible=False)
+
+            def on_cache(done: int, total: int) -> None:
+                bar.update(cache_task, completed=done, total=total, info=f"{done}/{total} videos")
+
+            def on_step(event: dict) -> None:
+                if event["kind"] == "step":
+                    bar.update(train_task, visible=True, completed=event["step"], total=event["total_steps"],
+                               info=f"epoch {event['epoch'] + 1} loss {event['loss']:.3f} "
+                                    f"{event['samples_per_s']:.0f} samples/s")
+                else:
+                    r1 = event.get("val_multi", {}).get("r1")
+                    mixed = event.get("val_mixed", {}).get("r1")
+                    if r1 is not None:
+                        bar.console.print(f"epoch {event['epoch'] + 1}: val R@1 multi {r1:.1f}, mixed {mixed:.1f}")
+
+            summary = train_from_captions(captions, out, model_config, cfg, init=init, train_only=train_only,
+                                          resume=resume, limit=limit, progress=on_step, cache_progress=on_cache)
+    except _domain_errors() as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        print(json.dumps(summary.to_dict()))
+        return
+    console.print(f"trained {summary.steps} steps in {summary.seconds / 60:.1f} min on {summary.train_videos} videos; "
+                  f"best val R@1 {summary.best_val_r1:.1f} (epoch {summary.best_epoch + 1}); model: {out / 'best'}")
+    for key, reason in summary.failed_videos.items():
+        err_console.print(f"[yellow]skipped:[/yellow] {key}: {reason}", highlight=False)
+
+
 if __name__ == "__main__":
     app()

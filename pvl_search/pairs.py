@@ -7,7 +7,7 @@ epochs never decode video again; batches are read from it through a memory map.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,11 +45,14 @@ def build_frame_cache(
     *,
     frames: int,
     size: int,
-    decode: DecodeFn,
+    decode: DecodeFn | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[FrameCache, dict[str, str]]:
     """Decode each (key, path) once into `folder`; returns the cache and {key: error} of the
-    videos that failed. An existing complete cache for the same keys is reused."""
+    videos that failed. An existing complete cache for the same keys is reused.
+
+    By default files are decoded in crash-proof worker processes (pvl_search.decode_pool);
+    `decode` replaces that with an in-process function (tests, arrays already in memory)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     wanted = [key for key, _ in items]
@@ -62,12 +65,11 @@ def build_frame_cache(
                                       shape=(len(items), frames, size, size, 3))
     masks = np.zeros((len(items), frames), dtype=bool)
     failed: dict[str, str] = {}
-    for i, (key, path) in enumerate(items):
-        try:
-            clip, mask = decode(path)
-            array[i], masks[i] = clip, mask
-        except Exception as exc:  # a bad file is recorded, not fatal: the caller drops it
-            failed[key] = str(exc)
+    for i, (key, result) in enumerate(_decode_all(items, frames, size, decode)):
+        if isinstance(result, Exception):  # a bad file is recorded, not fatal: the caller drops it
+            failed[key] = str(result)
+        else:
+            array[i], masks[i] = result
         if progress:
             progress(i + 1, len(items))
     array.flush()
@@ -81,6 +83,24 @@ def build_frame_cache(
     (folder / "keys.json").write_text(json.dumps([wanted[i] for i in keep]))
     done_marker.write_text(json.dumps({"frames": frames, "size": size, "requested": wanted, "failed": failed}))
     return FrameCache.open(folder), failed
+
+
+def _decode_all(
+    items: Sequence[tuple[str, str]], frames: int, size: int, decode: DecodeFn | None
+) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray] | Exception]]:
+    if decode is not None:
+        for key, path in items:
+            try:
+                yield key, decode(path)
+            except Exception as exc:  # noqa: BLE001 - any failure is this file's failure
+                yield key, exc
+        return
+    from .decode_pool import DecodePool
+
+    with DecodePool() as pool:
+        jobs = ((key, path, None, frames, size) for key, path in items)
+        for key, result in pool.imap(jobs):
+            yield key, result if isinstance(result, Exception) else (result[0].frames, result[0].mask)
 
 
 class PairSet:

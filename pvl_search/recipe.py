@@ -1,0 +1,98 @@
+"""A whole training run from a captions file: frame cache, splits, model (fresh, CLIP-
+initialised or resumed), the training loop, and a summary the CLI prints."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .captions import load_captions
+from .config import ModelConfig
+from .model import PerceiverVL
+from .pairs import PairSet, build_frame_cache
+from .tokenizer import Tokenizer
+from .train import ProgressFn, TrainConfig, TrainResult, train
+
+
+@dataclass
+class RunSummary:
+    out_dir: str
+    train_videos: int
+    val_videos: int
+    failed_videos: dict[str, str]
+    steps: int
+    seconds: float
+    best_epoch: int
+    best_val_r1: float
+    init: str | None
+    command_config: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def train_from_captions(
+    captions_path: str | Path,
+    out_dir: str | Path,
+    config: ModelConfig,
+    cfg: TrainConfig,
+    *,
+    init: str | None = None,
+    train_only: str = "all",
+    resume: bool = False,
+    cache_dir: str | Path | None = None,
+    limit: int | None = None,
+    progress: ProgressFn | None = None,
+    cache_progress: Callable[[int, int], None] | None = None,
+) -> RunSummary:
+    """Train on the `train` split of a captions file, validating on `val` each epoch.
+
+    `init` = "clip:MODEL:PATH" starts the self-attention stack from a local CLIP checkpoint
+    (paper 4.2); `train_only="cross"` then trains only what CLIP did not provide (stage one
+    of the paper's two-stage schedule). `limit` caps the videos per split (quick runs).
+    """
+    out = Path(out_dir)
+    records = load_captions(captions_path)
+    by_split = {split: [r for r in records if r.split == split][:limit] for split in ("train", "val")}
+    if not by_split["train"]:
+        raise ValueError(f"{captions_path}: no videos in the train split")
+    items = [(r.video_id, str(r.path)) for r in by_split["train"] + by_split["val"]]
+    cache_dir = Path(cache_dir) if cache_dir else out / "frame-cache"
+    cache, failed = build_frame_cache(
+        items, cache_dir, frames=config.frames, size=config.frame_size, progress=cache_progress
+    )
+    tokenizer = Tokenizer(config.text_length)
+    datasets = {
+        split: PairSet(cache, {r.video_id: r.captions for r in rs}, tokenizer) for split, rs in by_split.items()
+    }
+    torch.manual_seed(cfg.seed)
+    model = PerceiverVL(config)
+    trainable = None
+    if init:
+        from .clip_init import init_from_clip, parse_init_spec, trainable_parameters
+
+        name, weights = parse_init_spec(init)
+        report = init_from_clip(model, name, weights)
+        if train_only != "all":
+            trainable = trainable_parameters(model, train_only, copied=report.copied)
+    elif train_only != "all":
+        raise ValueError("--train-only cross needs --init clip:MODEL:PATH (nothing is pre-trained otherwise)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({
+        "captions": str(captions_path), "config": config.to_dict(), "train": cfg.to_dict(), "init": init,
+        "train_only": train_only, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }, indent=2, default=str))
+    result: TrainResult = train(
+        model, datasets["train"], datasets["val"], cfg, out, resume=resume, trainable=trainable, progress=progress
+    )
+    return RunSummary(
+        str(out), len(datasets["train"]), len(datasets["val"]), failed, result.steps, result.seconds,
+        result.best_epoch, result.best_r1, init, cfg.to_dict(),
+    )
