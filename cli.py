@@ -396,5 +396,25 @@ def train(
         err_console.print(f"[yellow]skipped:[/yellow] {key}: {reason}", highlight=False)
 
 
+@app.command()
+def serve(
+    index_dir: IndexDir = Path("pvl-index"),
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    db: DbUrl = None,
+    model: ModelDir = None,
+    device: Device = None,
+    cross_layers: Annotated[Optional[int], typer.Option(help="Keep only the first C cross-attentions for queries.")] = None,
+) -> None:
+    """Serve the index over HTTP: GET /search?q=&k=&rerank_k=, GET /videos/{id}, GET /health (JSON)."""
+    import server
+
+    try:
+        server.serve(index_dir, host=host, port=port, db_url=db, model_dir=model, device=device,
+                     cross_layers=cross_layers, on_ready=lambda url: err_console.print(f"serving on {url}"))
+    except (*_domain_errors(), OSError) as exc:
+        raise fail(str(exc)) from None
+
+
 if __name__ == "__main__":
     app()
