@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 SPLITS = ("train", "val", "test")
-_SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val", "test": "test"}
+_SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val",
+                  "test": "test"}
 _VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
 # Where MSR-VTT-style downloads keep their videos, relative to the caption file.
 _VIDEO_DIRS = ("video", "videos", "videos/all", "TrainValVideo", "TestVideo", "MSRVTT/videos/all", "all", ".")
