@@ -396,6 +396,132 @@ def train(
         err_console.print(f"[yellow]skipped:[/yellow] {key}: {reason}", highlight=False)
 
 
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise fail(f"--rerank-k takes comma-separated whole numbers, e.g. 8,16,32; got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise fail(f"--rerank-k values must be at least 1; got {text!r}")
+    return ks
+
+
+def _print_eval(report, title: str) -> None:  # noqa: ANN001 - indexer.evaluation.EvalReport
+    from indexer.evaluation import ROW_HEADER
+
+    table = Table(title=title)
+    for column in ROW_HEADER:
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for method, k, *numbers in report.rows():
+        table.add_row(method, "-" if k is None else str(k), *(f"{x:.1f}" for x in numbers))
+    console.print(table)
+    subsets = report.subset_rows()
+    if subsets:
+        sub = Table(title="R@1 on subsets (videos with that kind of hard negative / held-out combination)")
+        for column in ("method", "K", "subset", "queries", "R@1"):
+            sub.add_column(column, justify="left" if column in ("method", "subset") else "right")
+        for method, k, label, n, r1 in subsets:
+            sub.add_row(method, "-" if k is None else str(k), label, str(n), f"{r1:.1f}")
+        console.print(sub)
+    console.print(f"{report.n_queries} queries over {report.n_videos} videos ({report.n_segments} segments); "
+                  f"chance R@1 = {report.chance_r1:.2f}")
+
+
+@app.command(name="eval")
+def evaluate(
+    captions: Annotated[Path, typer.Option(help="Captions file with ground truth (pvl-search JSON, MSR-VTT, CSV).")],
+    index_dir: IndexDir = Path("pvl-index"),
+    split: Annotated[str, typer.Option(help="Which split's captions are the queries.")] = "test",
+    rerank_k: Annotated[str, typer.Option(help="Rerank depths to evaluate, comma-separated.")] = "8,16,32,64,128",
+    single: Annotated[bool, typer.Option(help="Also evaluate single-stream reranking (decodes candidates; slow).")] = True,
+    exhaustive_limit: Annotated[int, typer.Option(help="Exhaustive single-stream over the corpus when it has at most this many videos (0: never).")] = 200,
+    fusion: Annotated[str, typer.Option(help="sum (retrieval + rerank logit) or rerank (logit alone).")] = "sum",
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: R@1 and latency against K.")] = None,
+    db: DbUrl = None,
+    model: ModelDir = None,
+    device: Device = None,
+    as_json: AsJson = False,
+) -> None:
+    """How much reranking buys: every caption is a query; R@1/5/10, median/mean rank and
+    per-query latency for retrieval alone, mixed rerank and single rerank at each K."""
+    from rich.progress import Progress
+
+    from indexer.evaluation import evaluate_index, plot_report
+    from indexer.searcher import Searcher
+
+    ks = _parse_ks(rerank_k)
+    try:
+        runner = _load_runner(model, device)
+        with Searcher(index_dir, db_url=db, runner=runner) as searcher, Progress(console=err_console, disable=as_json) as bar:
+            task = bar.add_task("evaluating", total=None)
+            report = evaluate_index(
+                searcher, captions, split=split, rerank_ks=ks, single=single,
+                exhaustive_limit=exhaustive_limit if single else 0, fusion=fusion,
+                progress=lambda p: bar.update(task, completed=p.done, total=p.total),
+            )
+        if plot:
+            plot_report(report, plot)
+    except _domain_errors() as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        print(json.dumps(report.to_dict()))
+        return
+    _print_eval(report, f"text-to-video retrieval, {split} split of {captions.name}")
+    if plot:
+        console.print(f"plot: {plot}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo corpus and index.")] = Path("pvl-demo"),
+    n: Annotated[int, typer.Option("--n", help="Synthetic videos to make and index.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the demo corpus (the model was trained on seed 0).")] = 7,
+    model: ModelDir = None,
+) -> None:
+    """The whole engine in a few minutes: make a synthetic corpus the model has never seen,
+    index it with the shipped model (SQLite + FAISS), run example queries, and print how
+    much mixed- and single-stream reranking buy over retrieval alone."""
+    from indexer.evaluation import evaluate_index
+    from indexer.index_store import IndexStore
+    from indexer.pipeline import build_index
+    from indexer.searcher import Searcher
+    from pvl_search.captions import load_captions
+    from pvl_search.synth import generate_corpus
+
+    try:
+        runner = _load_runner(model, None)
+        size = runner.config.frame_size
+        corpus = out / "corpus"
+        err_console.print(f"1/4 making {n} synthetic videos in {corpus} ...")
+        summary = generate_corpus(corpus, n, seed, size=size, splits=(0.0, 0.0, 1.0))
+        err_console.print(f"2/4 indexing them into {out / 'index'} ...")
+        with IndexStore(out / "index") as store:
+            indexed = build_index([corpus / "videos"], store, runner)
+        err_console.print(f"    {indexed.indexed} new, {indexed.unchanged} unchanged, {len(indexed.failed)} failed "
+                          f"in {indexed.seconds:.1f} s")
+        records = load_captions(summary.captions_path)
+        err_console.print("3/4 example queries (mixed-stream rerank):")
+        with Searcher(out / "index", runner=runner) as searcher:
+            for record in records[:: max(1, len(records) // 3)][:3]:
+                query = record.captions[0]
+                result = searcher.search(query, k=3, rerank_k=16)
+                table = Table(title=f"{query!r}  (wanted: {record.path.name})")
+                for column in ("#", "score", "moment", "video"):
+                    table.add_column(column)
+                for hit in result.hits:
+                    mark = " <- wanted" if hit.path == str(record.path) else ""
+                    table.add_row(str(hit.rank), f"{hit.score:.2f}", f"{hit.best.start_s:.1f}-{hit.best.end_s:.1f} s",
+                                  Path(hit.path).name + mark)
+                console.print(table)
+            err_console.print("4/4 evaluating every caption as a query ...")
+            report = evaluate_index(searcher, summary.captions_path, split="test", rerank_ks=(4, 8, 16),
+                                    exhaustive_limit=0)
+    except _domain_errors() as exc:
+        raise fail(str(exc)) from None
+    _print_eval(report, f"demo: {n} unseen synthetic videos, every caption a query")
+    console.print(f"try: pvl-search search \"a red circle moves left\" --index {out / 'index'}")
+
+
 @app.command()
 def serve(
     index_dir: IndexDir = Path("pvl-index"),

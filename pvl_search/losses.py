@@ -87,8 +87,10 @@ def compute_losses(
         parts["mixed_vtm"] = F.binary_cross_entropy_with_logits(logits, labels)
     if weights.single_vtm:
         # The joint encoder is the costly pass: use B of the 3B pairs, half of them positive.
+        # Random rows, so that every video gets positive pairs whatever the batch order.
         half, quarter = b - b // 2, b // 4
-        pick = torch.cat([torch.arange(half), b + torch.arange(quarter), 2 * b + torch.arange(b // 2 - quarter)])
+        rows = [torch.randperm(b)[:n] for n in (half, quarter, b // 2 - quarter)]
+        pick = torch.cat([rows[0], b + rows[1], 2 * b + rows[2]]).to(videos.device)
         v, t = videos[pick], texts[pick]
         mask = None if frame_mask is None else frame_mask[v]
         logits = model.single_stream_scores(frames[v], mask, token_ids[t])
