@@ -298,7 +298,8 @@ class IndexStore:
         # A fresh database pointed at a folder of another index must not adopt (and later
         # truncate or delete) that index's stores.
         path = self.directory / EMBEDDINGS_FILE
-        if path.exists() and read_tag(path) != bytes.fromhex(self._uuid):
+        # Tags are stored zero-padded and read back stripped: compare them the same way.
+        if path.exists() and read_tag(path) != bytes.fromhex(self._uuid).rstrip(b"\x00"):
             raise IndexStoreError(
                 f"folder {self.directory} holds the data of another index than database "
                 f"{make_url(self.db_url).render_as_string(hide_password=True)}; "
