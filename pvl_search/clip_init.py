@@ -364,10 +364,13 @@ def _notes(
     )
     mean = _preprocess_value(visual, "mean")
     if mean is not None:
-        from .pairs import CLIP_MEAN, CLIP_STD
+        from .video import CLIP_MEAN, CLIP_STD
 
         std = _preprocess_value(visual, "std")
-        if not (torch.allclose(torch.tensor(mean), CLIP_MEAN) and torch.allclose(torch.tensor(std), CLIP_STD)):
+        same = torch.allclose(torch.tensor(mean), torch.tensor(CLIP_MEAN)) and torch.allclose(
+            torch.tensor(std), torch.tensor(CLIP_STD)
+        )
+        if not same:
             notes.append(f"CLIP was trained on frames normalised with mean {mean} / std {std}; ours use OpenAI CLIP's")
     return notes
 
