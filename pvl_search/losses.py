@@ -36,12 +36,16 @@ def contrastive_loss(logits: Tensor) -> Tensor:
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def hard_negatives(similarity: Tensor) -> tuple[Tensor, Tensor]:
-    """For each text the most similar other video, for each video the most similar other text
-    (mined from the in-batch contrastive similarities, as ALBEF / the paper do)."""
-    masked = similarity.detach().float().clone()
-    masked.fill_diagonal_(float("-inf"))
-    return masked.argmax(dim=1), masked.argmax(dim=0)  # (B,) video per text, (B,) text per video
+def hard_negatives(logits: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """For each text a negative video, and for each video a negative text, drawn with
+    probability softmax(contrastive logits) over the others (ALBEF's sampling): hard, but not
+    always the hardest, which early in training is a near-copy of the positive and teaches
+    the VTM head nothing."""
+    weights = logits.detach().float().clone()
+    weights.fill_diagonal_(float("-inf"))
+    per_text = torch.multinomial(weights.softmax(dim=1), 1, generator=generator)[:, 0]
+    per_video = torch.multinomial(weights.softmax(dim=0).T, 1, generator=generator)[:, 0]
+    return per_text, per_video  # (B,) video per text, (B,) text per video
 
 
 def vtm_pairs(batch: int, neg_video: Tensor, neg_text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -76,15 +80,16 @@ def compute_losses(
     similarity = text.embedding @ video.embedding.T  # (B, B)
     parts: dict[str, Tensor] = {}
     total = torch.zeros((), device=token_ids.device)
+    logits = model.logit_scale.exp().clamp(max=100) * similarity
     if weights.contrastive:
-        parts["contrastive"] = contrastive_loss(model.logit_scale.exp().clamp(max=100) * similarity)
-    neg_video, neg_text = hard_negatives(similarity)
+        parts["contrastive"] = contrastive_loss(logits)
+    neg_video, neg_text = hard_negatives(logits)
     videos, texts, labels = vtm_pairs(b, neg_video, neg_text)
     if weights.mixed_vtm:
         video_states = model.rerank_state(video.latents)[videos]  # (3B, W)
         text_states = model.rerank_state(text.latents)[texts]
-        logits = model.mixed_scores(text_states, video_states[:, None])[:, 0]  # (3B,)
-        parts["mixed_vtm"] = F.binary_cross_entropy_with_logits(logits, labels)
+        vtm = model.mixed_scores(text_states, video_states[:, None])[:, 0]  # (3B,)
+        parts["mixed_vtm"] = F.binary_cross_entropy_with_logits(vtm, labels)
     if weights.single_vtm:
         # The joint encoder is the costly pass: use B of the 3B pairs, half of them positive.
         # Random rows, so that every video gets positive pairs whatever the batch order.
@@ -93,13 +98,13 @@ def compute_losses(
         pick = torch.cat([rows[0], b + rows[1], 2 * b + rows[2]]).to(videos.device)
         v, t = videos[pick], texts[pick]
         mask = None if frame_mask is None else frame_mask[v]
-        logits = model.single_stream_scores(frames[v], mask, token_ids[t])
-        parts["single_vtm"] = F.binary_cross_entropy_with_logits(logits, labels[pick])
+        vtm = model.single_stream_scores(frames[v], mask, token_ids[t])
+        parts["single_vtm"] = F.binary_cross_entropy_with_logits(vtm, labels[pick])
     if weights.mlm:
         masked = mlm_mask(token_ids, weights.mlm_probability)
         latents = model.encode_text(token_ids, replace_mask=masked).latents
-        logits = model.mlm_logits(latents, masked)  # (B, L, V)
-        parts["mlm"] = F.cross_entropy(logits[masked].float(), token_ids[masked])
+        vocab = model.mlm_logits(latents, masked)  # (B, L, V)
+        parts["mlm"] = F.cross_entropy(vocab[masked].float(), token_ids[masked])
     for name, value in parts.items():
         total = total + getattr(weights, name) * value
     return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()}, similarity.detach())

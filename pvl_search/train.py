@@ -195,6 +195,9 @@ def train(
                 if i < skip:
                     continue
                 model.train()
+                # Per-step seed: LayerDrop, negative sampling and MLM masks are the same
+                # whether or not the run was interrupted and resumed.
+                torch.manual_seed(cfg.seed * 1_000_003 + step)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total_steps, cfg)
                 with autocast:

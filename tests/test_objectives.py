@@ -42,11 +42,19 @@ def test_gradients_reach_every_parameter() -> None:
     assert dead == []
 
 
-def test_hard_negatives_are_the_most_similar_others() -> None:
-    sim = torch.tensor([[0.9, 0.8, 0.1], [0.2, 0.9, 0.7], [0.95, 0.1, 0.3]])
-    video_for_text, text_for_video = hard_negatives(sim)
-    assert video_for_text.tolist() == [1, 2, 0]
-    assert text_for_video.tolist() == [2, 0, 1]
+def test_hard_negatives_follow_the_similarities_and_skip_the_positive() -> None:
+    logits = torch.tensor([[9.0, 8.0, 1.0], [2.0, 9.0, 7.0], [9.5, 1.0, 3.0]]) * 2
+    g = torch.Generator().manual_seed(0)
+    draws = [hard_negatives(logits, g) for _ in range(200)]
+    per_text = torch.stack([d[0] for d in draws])
+    per_video = torch.stack([d[1] for d in draws])
+    assert not (per_text == torch.arange(3)).any() and not (per_video == torch.arange(3)).any()
+    # the most similar other is drawn most of the time, the others sometimes
+    assert (per_text[:, 0] == 1).float().mean() > 0.9 and (per_text[:, 1] == 2).float().mean() > 0.9
+    assert (per_video[:, 0] == 2).float().mean() > 0.9
+    flat = torch.tensor([[0.0, 0.0, 0.0]] * 3)
+    spread = torch.stack([hard_negatives(flat, g)[0] for _ in range(300)])
+    assert (spread[:, 0] == 1).any() and (spread[:, 0] == 2).any()
 
 
 def test_mlm_mask_only_hides_words() -> None:
