@@ -828,10 +828,14 @@ class IndexStore:
         except BaseException:
             self._recover_after_failure()
             raise
+        self._forget_in_faiss(old_ids, seq)
+        return video_id
+
+    def _forget_in_faiss(self, old_ids: list[int], seq: int) -> None:
+        """After a committed removal: take the ids out of the in-memory FAISS index."""
         _pause_point("sql_committed")
         if self.vectors is not None:
             self._apply(old_ids, None, np.zeros(0, np.int64), seq)
-        return video_id
 
     def mark_removed(self, video: int | str) -> int:
         """Flag a video (id or path) removed and take its segments out of search; returns
@@ -849,9 +853,7 @@ class IndexStore:
         except BaseException:
             self._recover_after_failure()
             raise
-        _pause_point("sql_committed")
-        if self.vectors is not None:
-            self._apply(old_ids, None, np.zeros(0, np.int64), seq)
+        self._forget_in_faiss(old_ids, seq)
         return len(old_ids)
 
     def save_faiss(self) -> None:

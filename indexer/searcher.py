@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from indexer.encoding import ModelRunner
 from indexer.errors import IndexStoreError
-from indexer.index_store import IndexStore
+from indexer.index_store import IndexStore, SegmentInfo
 from indexer.schema import Segment, Video, VideoStatus
 from pvl_search.video import VideoDecodeError, read_clips
 
@@ -174,12 +174,14 @@ class Searcher:
         results = []
         for q, text in enumerate(queries):
             t0 = time.perf_counter()
-            ids, sims = self._retrieve(encoded.embeddings[q : q + 1], k, rerank_k if rerank != "none" else 0, allowed)
+            ids, sims, info = self._retrieve(
+                encoded.embeddings[q : q + 1], k, rerank_k if rerank != "none" else 0, allowed
+            )
             t1 = time.perf_counter()
             n_rerank = min(len(ids), rerank_k) if rerank != "none" else 0
-            rerank_scores = self._rerank(text, encoded.rerank_states[q], ids[:n_rerank], rerank)
+            rerank_scores = self._rerank(text, encoded.rerank_states[q], ids[:n_rerank], info, rerank)
             t2 = time.perf_counter()
-            hits = self._group(ids, sims, rerank_scores, fusion, k)
+            hits = self._group(ids, sims, info, rerank_scores, fusion, k)
             t3 = time.perf_counter()
             timings = {"encode": encode_ms, "retrieve": (t1 - t0) * 1000, "rerank": (t2 - t1) * 1000,
                        "lookup": (t3 - t2) * 1000}
@@ -205,34 +207,38 @@ class Searcher:
 
     def _retrieve(
         self, xq: np.ndarray, k: int, rerank_k: int, allowed: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Top segments by similarity: at least `rerank_k` of them, and enough to cover `k`
-        distinct videos (a long video can fill the list with its own segments)."""
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, SegmentInfo]]:
+        """Top segments by similarity and their metadata: at least `rerank_k` of them, and
+        enough to cover `k` distinct videos (a long video can fill the list on its own)."""
         if allowed is not None and len(allowed) == 0:
-            return np.empty(0, np.int64), np.empty(0, np.float32)
+            return np.empty(0, np.int64), np.empty(0, np.float32), {}
         fetch = max(k, rerank_k)
         while True:
             D, I = self.store.search(xq, fetch, allowed)
             keep = I[0] >= 0
             ids, sims = I[0][keep], D[0][keep]
+            info = self.store.segments(ids)  # one SQL read, used by rerank and grouping too
             if len(ids) < fetch:  # everything there is
-                return ids, sims
-            videos = {info.video_id for info in self.store.segments(ids).values()}
+                return ids, sims, info
+            videos = {seg.video_id for seg in info.values()}
             if len(videos) >= k or fetch >= 64 * max(k, rerank_k, 1):
-                return ids, sims
+                return ids, sims, info
             fetch *= 4
 
-    def _rerank(self, text: str, query_state: np.ndarray, ids: np.ndarray, mode: str) -> np.ndarray:
+    def _rerank(
+        self, text: str, query_state: np.ndarray, ids: np.ndarray, info: dict[int, SegmentInfo], mode: str
+    ) -> np.ndarray:
         if len(ids) == 0 or mode == "none":
             return np.empty(0, np.float32)
         if mode == "mixed":
             states = self.store.rerank_states(ids)  # (K, D + H): read from the memory map
             return self.runner.mixed_scores(query_state[None], states[None])[0]
-        return self._single_stream(text, ids)
+        return self._single_stream(text, ids, info)
 
-    def _single_stream(self, text: str, ids: np.ndarray, batch: int = 8) -> np.ndarray:
+    def _single_stream(
+        self, text: str, ids: np.ndarray, info: dict[int, SegmentInfo], batch: int = 8
+    ) -> np.ndarray:
         """Decode the candidate segments again and run the joint encoder on each pair."""
-        info = self.store.segments(ids)
         config = self.runner.config
         scores = np.full(len(ids), -np.inf, dtype=np.float32)
         frames, masks, rows = [], [], []
@@ -252,11 +258,16 @@ class Searcher:
         return scores
 
     def _group(
-        self, ids: np.ndarray, sims: np.ndarray, rerank_scores: np.ndarray, fusion: str, k: int
+        self,
+        ids: np.ndarray,
+        sims: np.ndarray,
+        info: dict[int, SegmentInfo],
+        rerank_scores: np.ndarray,
+        fusion: str,
+        k: int,
     ) -> list[VideoHit]:
         """Score segments, then keep each video's best segment; reranked segments rank ahead
         of the ones only retrieved (their scores are not on the same scale)."""
-        info = self.store.segments(ids)
         n_reranked = len(rerank_scores)
         best: dict[int, tuple[tuple[int, float], SegmentHit]] = {}
         for row, (sid, sim) in enumerate(zip(ids.tolist(), sims.tolist())):

@@ -80,7 +80,7 @@ def compute_losses(
     similarity = text.embedding @ video.embedding.T  # (B, B)
     parts: dict[str, Tensor] = {}
     total = torch.zeros((), device=token_ids.device)
-    logits = model.logit_scale.exp().clamp(max=100) * similarity
+    logits = model.multi_stream_logits(video.embedding, text.embedding)  # temperature-scaled
     if weights.contrastive:
         parts["contrastive"] = contrastive_loss(logits)
     neg_video, neg_text = hard_negatives(logits)
