@@ -173,12 +173,14 @@ def index(
             TextColumn("{task.fields[rate]:.1f} videos/s"), TimeRemainingColumn(),
             console=err_console, disable=as_json, transient=False,
         ) as bar:
-            task = bar.add_task("index", total=None, rate=0.0)
+            # Hidden until the first file is planned, so a refusal (e.g. a model mismatch)
+            # prints its error without an empty bar above it.
+            task = bar.add_task("index", total=None, rate=0.0, visible=False)
             started = time.perf_counter()
 
             def on_progress(p) -> None:  # noqa: ANN001
                 rate = p.done / max(1e-9, time.perf_counter() - started)
-                bar.update(task, completed=p.done, total=p.total, rate=rate)
+                bar.update(task, completed=p.done, total=p.total, rate=rate, visible=True)
 
             summary = build_index(paths, store, runner, options, progress=on_progress)
     except _domain_errors() as exc:
