@@ -341,8 +341,11 @@ def train(
     warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed for weights, batches and LayerDrop.")] = 0,
     mixed_vtm: Annotated[float, typer.Option(help="Weight of the mixed-stream VTM loss (hard negatives).")] = 1.0,
+    mixed_nce: Annotated[float, typer.Option(help="Weight of the listwise mixed-stream loss (InfoNCE over all in-batch pairs).")] = 0.0,
     single_vtm: Annotated[float, typer.Option(help="Weight of the single-stream VTM loss.")] = 0.0,
+    group_batches_from: Annotated[Optional[int], typer.Option(help="From this epoch (1-based) on, batch whole caption-file groups together (meta.group, e.g. hard-negative twins).", min=1)] = None,
     mlm: Annotated[float, typer.Option(help="Weight of masked language modelling.")] = 0.0,
+    rerank_only_groups: Annotated[bool, typer.Option(help="Same-group videos are negatives for the rerankers only: the multi-stream loss ignores them (first stage finds the group, the reranker picks within it).")] = False,
     init: Annotated[Optional[str], typer.Option(help="clip:MODEL:PATH, e.g. clip:ViT-B-16:/models/vit_b16.safetensors.")] = None,
     train_only: Annotated[str, typer.Option(help="all, or cross (stage one after --init: CLIP parts frozen).")] = "all",
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.")] = False,
@@ -364,7 +367,10 @@ def train(
     try:
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup, seed=seed,
                           checkpoint_every=checkpoint_every, device=str(pick_device(device)),
-                          losses=LossWeights(mixed_vtm=mixed_vtm, single_vtm=single_vtm, mlm=mlm))
+                          group_batches_from=None if group_batches_from is None else group_batches_from - 1,
+                          rerank_only_groups=rerank_only_groups,
+                          losses=LossWeights(mixed_vtm=mixed_vtm, mixed_nce=mixed_nce, single_vtm=single_vtm,
+                                             mlm=mlm))
         model_config = preset(config)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                       TimeRemainingColumn(), console=err_console, disable=as_json) as bar:
@@ -380,10 +386,10 @@ def train(
                                info=f"epoch {event['epoch'] + 1} loss {event['loss']:.3f} "
                                     f"{event['samples_per_s']:.0f} samples/s")
                 else:
-                    r1 = event.get("val_multi", {}).get("r1")
-                    mixed = event.get("val_mixed", {}).get("r1")
-                    if r1 is not None:
-                        bar.console.print(f"epoch {event['epoch'] + 1}: val R@1 multi {r1:.1f}, mixed {mixed:.1f}")
+                    if "val_multi" in event:
+                        r1 = {name: event[f"val_{name}"]["r1"] for name in ("multi", "mixed", "reranked")}
+                        bar.console.print(f"epoch {event['epoch'] + 1}: val R@1 multi {r1['multi']:.1f}, "
+                                          f"mixed {r1['mixed']:.1f}, reranked {r1['reranked']:.1f}")
 
             summary = train_from_captions(captions, out, model_config, cfg, init=init, train_only=train_only,
                                           resume=resume, limit=limit, progress=on_step, cache_progress=on_cache)

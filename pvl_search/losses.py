@@ -18,6 +18,10 @@ from .model import PerceiverVL
 class LossWeights:
     contrastive: float = 1.0
     mixed_vtm: float = 1.0
+    # Listwise mixed-stream loss: InfoNCE over the full B x B matrix of mixed-stream VTM
+    # logits. The factorised decoder makes that matrix cheap (one MLP per pair), and it gives
+    # the VTM head B - 1 negatives per query instead of one sampled pair.
+    mixed_nce: float = 0.0
     single_vtm: float = 0.0  # the joint encoder costs one more pass per pair
     mlm: float = 0.0
     mlm_probability: float = 0.15
@@ -30,9 +34,14 @@ class LossOutput:
     similarity: Tensor | None = None  # (B_text, B_video) multi-stream similarities
 
 
-def contrastive_loss(logits: Tensor) -> Tensor:
-    """Symmetric InfoNCE over a (B, B) text-by-video logit matrix whose diagonal matches."""
+def contrastive_loss(logits: Tensor, ignore: Tensor | None = None) -> Tensor:
+    """Symmetric InfoNCE over a (B, B) text-by-video logit matrix whose diagonal matches.
+
+    `ignore` (B, B) bool marks off-diagonal pairs that are neither positive nor negative."""
     target = torch.arange(logits.shape[0], device=logits.device)
+    if ignore is not None:
+        logits = logits.masked_fill(ignore & ~torch.eye(len(target), dtype=torch.bool, device=logits.device),
+                                    float("-inf"))
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
@@ -72,8 +81,13 @@ def compute_losses(
     frame_mask: Tensor | None,
     token_ids: Tensor,
     weights: LossWeights = LossWeights(),
+    groups: Tensor | None = None,
 ) -> LossOutput:
-    """All objectives on one batch of B matching (video, caption) pairs."""
+    """All objectives on one batch of B matching (video, caption) pairs.
+
+    `groups` (B,) ints: videos of one group (e.g. hard-negative twins) are left out of each
+    other's multi-stream contrastive loss and stay negatives for the VTM and mixed losses,
+    so the first stage learns to find the group and the reranker to pick within it."""
     b = token_ids.shape[0]
     video = model.encode_video(frames, frame_mask)
     text = model.encode_text(token_ids)
@@ -82,7 +96,8 @@ def compute_losses(
     total = torch.zeros((), device=token_ids.device)
     logits = model.multi_stream_logits(video.embedding, text.embedding)  # temperature-scaled
     if weights.contrastive:
-        parts["contrastive"] = contrastive_loss(logits)
+        same_group = None if groups is None else groups[:, None] == groups[None, :]
+        parts["contrastive"] = contrastive_loss(logits, ignore=same_group)
     neg_video, neg_text = hard_negatives(logits)
     videos, texts, labels = vtm_pairs(b, neg_video, neg_text)
     if weights.mixed_vtm:
@@ -90,6 +105,9 @@ def compute_losses(
         text_states = model.rerank_state(text.latents)[texts]
         vtm = model.mixed_scores(text_states, video_states[:, None])[:, 0]  # (3B,)
         parts["mixed_vtm"] = F.binary_cross_entropy_with_logits(vtm, labels)
+    if weights.mixed_nce:
+        all_pairs = model.mixed_scores(model.rerank_state(text.latents), model.rerank_state(video.latents))
+        parts["mixed_nce"] = contrastive_loss(all_pairs)  # (B_text, B_video) logits
     if weights.single_vtm:
         # The joint encoder is the costly pass: use B of the 3B pairs, half of them positive.
         # Random rows, so that every video gets positive pairs whatever the batch order.

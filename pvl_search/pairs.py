@@ -107,11 +107,19 @@ class PairSet:
     """Captions paired with cached videos. A batch holds distinct videos (so in-batch
     contrastive negatives are true negatives), each with one of its captions."""
 
-    def __init__(self, cache: FrameCache, captions: dict[str, list[str]], tokenizer: Tokenizer) -> None:
+    def __init__(
+        self,
+        cache: FrameCache,
+        captions: dict[str, list[str]],
+        tokenizer: Tokenizer,
+        groups: dict[str, str] | None = None,
+    ) -> None:
         row = {key: i for i, key in enumerate(cache.keys)}
         self.cache = cache
         self.video_rows = [row[key] for key in captions if key in row and captions[key]]
         self.keys = [cache.keys[r] for r in self.video_rows]
+        # A label per video for group-aware batches; a video without one is its own group.
+        self.groups = [(groups or {}).get(key, f"video:{key}") for key in self.keys]
         self.captions = [captions[key] for key in self.keys]
         self.tokens = [tokenizer(texts) for texts in self.captions]  # tokenised once
 
@@ -126,6 +134,11 @@ class PairSet:
         picks = [int(torch.randint(len(self.tokens[i]), (1,), generator=generator)) for i in indices]
         ids = torch.stack([self.tokens[i][p] for i, p in zip(indices, picks)])
         return to_model_input(frames, self.cache.masks[rows]) + (ids,)
+
+    def group_ids(self, indices: Sequence[int]) -> Tensor:
+        """(B,) ints, equal for videos of one group."""
+        labels: dict[str, int] = {}
+        return torch.tensor([labels.setdefault(self.groups[i], len(labels)) for i in indices])
 
     def all_captions(self) -> tuple[Tensor, list[int]]:
         """Every caption's token ids and the index of its video: evaluation queries."""

@@ -37,6 +37,34 @@ class RunSummary:
         return asdict(self)
 
 
+def load_pair_sets(
+    captions_path: str | Path,
+    config: ModelConfig,
+    cache_dir: Path,
+    *,
+    limit: int | None = None,
+    cache_progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, PairSet], dict[str, str]]:
+    """The train and val splits of a captions file over one frame cache, and the videos
+    that failed to decode. A record's meta["group"] (e.g. a synthetic twin group) becomes
+    its PairSet group, for group-aware batches."""
+    records = load_captions(captions_path)
+    by_split = {split: [r for r in records if r.split == split][:limit] for split in ("train", "val")}
+    if not by_split["train"]:
+        raise ValueError(f"{captions_path}: no videos in the train split")
+    items = [(r.video_id, str(r.path)) for r in by_split["train"] + by_split["val"]]
+    cache, failed = build_frame_cache(
+        items, cache_dir, frames=config.frames, size=config.frame_size, progress=cache_progress
+    )
+    tokenizer = Tokenizer(config.text_length)
+    datasets = {
+        split: PairSet(cache, {r.video_id: r.captions for r in rs}, tokenizer,
+                       groups={r.video_id: str(r.meta["group"]) for r in rs if "group" in r.meta})
+        for split, rs in by_split.items()
+    }
+    return datasets, failed
+
+
 def train_from_captions(
     captions_path: str | Path,
     out_dir: str | Path,
@@ -58,19 +86,8 @@ def train_from_captions(
     of the paper's two-stage schedule). `limit` caps the videos per split (quick runs).
     """
     out = Path(out_dir)
-    records = load_captions(captions_path)
-    by_split = {split: [r for r in records if r.split == split][:limit] for split in ("train", "val")}
-    if not by_split["train"]:
-        raise ValueError(f"{captions_path}: no videos in the train split")
-    items = [(r.video_id, str(r.path)) for r in by_split["train"] + by_split["val"]]
-    cache_dir = Path(cache_dir) if cache_dir else out / "frame-cache"
-    cache, failed = build_frame_cache(
-        items, cache_dir, frames=config.frames, size=config.frame_size, progress=cache_progress
-    )
-    tokenizer = Tokenizer(config.text_length)
-    datasets = {
-        split: PairSet(cache, {r.video_id: r.captions for r in rs}, tokenizer) for split, rs in by_split.items()
-    }
+    datasets, failed = load_pair_sets(captions_path, config, Path(cache_dir) if cache_dir else out / "frame-cache",
+                                      limit=limit, cache_progress=cache_progress)
     torch.manual_seed(cfg.seed)
     model = PerceiverVL(config)
     trainable = None

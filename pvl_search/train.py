@@ -9,7 +9,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import load_state, save_model
 from .losses import LossWeights, compute_losses
-from .metrics import RetrievalMetrics, ranks_from_scores, retrieval_metrics
+from .metrics import RetrievalMetrics, ranks_after_rerank, ranks_from_scores, retrieval_metrics
 from .model import PerceiverVL
 from .pairs import PairSet
 
@@ -35,6 +35,14 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = 200  # steps; a checkpoint is also written at every epoch end
+    val_rerank_k: int = 16  # candidates re-scored in the validation "reranked" metric
+    # From this epoch on (0 = always, None = never), fill batches with whole groups of related
+    # videos (PairSet.groups, e.g. the synthetic benchmark's hard-negative twins) so in-batch
+    # negatives include the hardest ones. From the start they stall learning: a curriculum.
+    group_batches_from: int | None = None
+    # Group members are negatives for the reranking heads only: the multi-stream
+    # contrastive loss ignores same-group pairs (see losses.compute_losses).
+    rerank_only_groups: bool = False
     losses: LossWeights = field(default_factory=LossWeights)
     device: str = "cpu"
 
@@ -45,8 +53,9 @@ class TrainConfig:
 @dataclass
 class ValidationResult:
     epoch: int
-    multi: RetrievalMetrics
-    mixed: RetrievalMetrics
+    multi: RetrievalMetrics  # multi-stream embeddings alone
+    mixed: RetrievalMetrics  # mixed-stream decoder alone, over every video
+    reranked: RetrievalMetrics  # the search default: multi top-k, re-scored by similarity + mixed logit
 
 
 @dataclass
@@ -69,18 +78,35 @@ def learning_rate(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+def epoch_batches(
+    n: int, batch_size: int, generator: torch.Generator, groups: Sequence[str] | None = None
+) -> Iterator[list[int]]:
     """A random permutation cut into full batches (a short last batch would weaken the
-    contrastive loss and skew the step count)."""
-    order = torch.randperm(n, generator=generator).tolist()
+    contrastive loss and skew the step count). With `groups` (one label per item) the
+    groups are shuffled and laid end to end, items shuffled within each, so that members of
+    a group mostly share a batch."""
+    if groups is None:
+        order = torch.randperm(n, generator=generator).tolist()
+    else:
+        members: dict[str, list[int]] = {}
+        for i, label in enumerate(groups):
+            members.setdefault(label, []).append(i)
+        labels = list(members)
+        order = []
+        for g in torch.randperm(len(labels), generator=generator).tolist():
+            items = members[labels[g]]
+            order += [items[j] for j in torch.randperm(len(items), generator=generator).tolist()]
     for start in range(0, n - batch_size + 1, batch_size):
         yield order[start : start + batch_size]
 
 
 @torch.no_grad()
-def evaluate(model: PerceiverVL, data: PairSet, *, batch_size: int = 32, device: str = "cpu") -> tuple[RetrievalMetrics, RetrievalMetrics]:
-    """Text-to-video R@K over `data`, every caption a query: multi-stream (embedding dot
-    product) and mixed-stream (factorised decoder over all videos)."""
+def evaluate(
+    model: PerceiverVL, data: PairSet, *, batch_size: int = 32, device: str = "cpu", rerank_k: int = 16
+) -> dict[str, RetrievalMetrics]:
+    """Text-to-video R@K over `data`, every caption a query: "multi" (embedding dot product),
+    "mixed" (factorised decoder over all videos) and "reranked" (multi-stream top `rerank_k`
+    re-scored by similarity + mixed logit, as `pvl-search search` does by default)."""
     model.eval()
     g = torch.Generator().manual_seed(0)
     embeddings, states = [], []
@@ -91,16 +117,23 @@ def evaluate(model: PerceiverVL, data: PairSet, *, batch_size: int = 32, device:
         states.append(model.rerank_state(out.latents))
     video_embedding, video_states = torch.cat(embeddings), torch.cat(states)
     ids, owners = data.all_captions()
-    multi, mixed = [], []
+    multi_parts, mixed_parts = [], []
     for start in range(0, len(ids), batch_size):
         text = model.encode_text(ids[start : start + batch_size].to(device))
-        multi.append(text.embedding @ video_embedding.T)
-        mixed.append(model.mixed_scores(model.rerank_state(text.latents), video_states))
-    as_numpy = lambda parts: torch.cat(parts).float().cpu().numpy()  # noqa: E731
-    return (
-        retrieval_metrics(ranks_from_scores(as_numpy(multi), owners)),
-        retrieval_metrics(ranks_from_scores(as_numpy(mixed), owners)),
-    )
+        multi_parts.append(text.embedding @ video_embedding.T)
+        mixed_parts.append(model.mixed_scores(model.rerank_state(text.latents), video_states))
+    multi = torch.cat(multi_parts).float().cpu().numpy()
+    mixed = torch.cat(mixed_parts).float().cpu().numpy()
+    return {
+        "multi": retrieval_metrics(ranks_from_scores(multi, owners)),
+        "mixed": retrieval_metrics(ranks_from_scores(mixed, owners)),
+        "reranked": retrieval_metrics(ranks_after_rerank(multi, multi + mixed, owners, rerank_k)),
+    }
+
+
+def selection_metric(cfg: TrainConfig) -> str:
+    """The validation metric whose R@1 picks the best checkpoint."""
+    return "reranked" if cfg.losses.mixed_vtm or cfg.losses.mixed_nce else "multi"
 
 
 def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, meta: dict) -> None:
@@ -154,7 +187,7 @@ def train(
     progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Train in place. `out_dir/last` is the newest checkpoint (resumable), `out_dir/best`
-    the one with the best validation R@1 (multi-stream), `out_dir/log.jsonl` the log."""
+    the one with the best validation R@1 (see `selection_metric`), `out_dir/log.jsonl` the log."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if len(train_data) < cfg.batch_size:
@@ -184,13 +217,15 @@ def train(
     generator = torch.Generator().manual_seed(cfg.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     log = open(out / "log.jsonl", "a")
-    began = time.perf_counter()
+    began, first_step = time.perf_counter(), step  # samples/s counts this process's steps only
     try:
         for epoch in range(start_epoch, cfg.epochs):
             # Re-seed per epoch so a resumed run sees the batches an uninterrupted one would.
             generator.manual_seed(cfg.seed * 1000 + epoch)
             skip = step - epoch * steps_per_epoch  # batches of this epoch done before a resume
-            for i, indices in enumerate(epoch_batches(len(train_data), cfg.batch_size, generator)):
+            grouped = cfg.group_batches_from is not None and epoch >= cfg.group_batches_from
+            groups = train_data.groups if grouped else None
+            for i, indices in enumerate(epoch_batches(len(train_data), cfg.batch_size, generator, groups)):
                 frames, masks, ids = train_data.batch(indices, generator)
                 if i < skip:
                     continue
@@ -201,7 +236,9 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total_steps, cfg)
                 with autocast:
-                    losses = compute_losses(model, frames.to(device), masks.to(device), ids.to(device), cfg.losses)
+                    groups = train_data.group_ids(indices).to(device) if cfg.rerank_only_groups else None
+                    losses = compute_losses(model, frames.to(device), masks.to(device), ids.to(device), cfg.losses,
+                                            groups)
                 optimizer.zero_grad(set_to_none=True)
                 losses.total.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -210,7 +247,7 @@ def train(
                 record = {"kind": "step", "step": step, "epoch": epoch, "total_steps": total_steps,
                           "loss": float(losses.total.detach()), **losses.parts,
                           "lr": optimizer.param_groups[0]["lr"],
-                          "samples_per_s": step * cfg.batch_size / (time.perf_counter() - began)}
+                          "samples_per_s": (step - first_step) * cfg.batch_size / (time.perf_counter() - began)}
                 log.write(json.dumps(record) + "\n")
                 if progress:
                     progress(record)
@@ -219,11 +256,13 @@ def train(
                                       {"step": step, "epoch": epoch, "best_r1": best_r1, "best_epoch": best_epoch})
             record = {"kind": "epoch", "epoch": epoch, "step": step}
             if val_data is not None and len(val_data):
-                multi, mixed = evaluate(model, val_data, device=cfg.device)
-                history.append(ValidationResult(epoch, multi, mixed))
-                record |= {"val_multi": multi.to_dict(), "val_mixed": mixed.to_dict()}
-                if multi.r1 > best_r1:
-                    best_r1, best_epoch = multi.r1, epoch
+                val = evaluate(model, val_data, device=cfg.device, rerank_k=cfg.val_rerank_k)
+                history.append(ValidationResult(epoch, val["multi"], val["mixed"], val["reranked"]))
+                record |= {f"val_{name}": metrics.to_dict() for name, metrics in val.items()}
+                # Keep what a search will use: reranked results once the mixed head is trained.
+                r1 = val[selection_metric(cfg)].r1
+                if r1 > best_r1:
+                    best_r1, best_epoch = r1, epoch
                     save_model(model, out / "best")
             log.write(json.dumps(record) + "\n")
             log.flush()

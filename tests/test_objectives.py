@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from pvl_search.config import preset
-from pvl_search.losses import LossWeights, compute_losses, hard_negatives, mlm_mask
+from pvl_search.losses import LossWeights, compute_losses, contrastive_loss, hard_negatives, mlm_mask
 from pvl_search.model import PerceiverVL
 
 CONFIG = preset("tiny").replace(
     hidden=96, heads=4, latents=16, frame_size=32, patch=8, frames=4, token_dim=32, layerdrop=0.5
 )
-ALL_LOSSES = LossWeights(contrastive=1, mixed_vtm=1, single_vtm=0.5, mlm=0.2)
+ALL_LOSSES = LossWeights(contrastive=1, mixed_vtm=1, mixed_nce=0.5, single_vtm=0.5, mlm=0.2)
 
 
 def random_pairs(n: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +37,8 @@ def test_gradients_reach_every_parameter() -> None:
     torch.manual_seed(0)
     model = PerceiverVL(CONFIG.replace(layerdrop=0.0)).train()
     frames, ids = random_pairs()
-    compute_losses(model, frames, None, ids, ALL_LOSSES).total.backward()
+    groups = torch.tensor([0, 0, 1, 1, 2, 3, 4, 5])  # two pairs of twins
+    compute_losses(model, frames, None, ids, ALL_LOSSES, groups).total.backward()
     dead = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert dead == []
 
@@ -55,6 +56,20 @@ def test_hard_negatives_follow_the_similarities_and_skip_the_positive() -> None:
     flat = torch.tensor([[0.0, 0.0, 0.0]] * 3)
     spread = torch.stack([hard_negatives(flat, g)[0] for _ in range(300)])
     assert (spread[:, 0] == 1).any() and (spread[:, 0] == 2).any()
+
+
+def test_contrastive_loss_ignores_same_group_pairs_only() -> None:
+    logits = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    groups = torch.tensor([0, 0, 1, 2])
+    same = groups[:, None] == groups[None, :]
+    changed = logits.clone()
+    changed[0, 1] = changed[1, 0] = 50.0  # a twin that would dominate the softmax
+    assert contrastive_loss(changed, ignore=same) == contrastive_loss(logits, ignore=same)
+    assert contrastive_loss(changed) > contrastive_loss(logits) + 10
+    # the diagonal is never ignored, and other groups still count as negatives
+    assert torch.isfinite(contrastive_loss(logits, ignore=torch.ones(4, 4, dtype=torch.bool)))
+    changed[2, 3] = 50.0
+    assert contrastive_loss(changed, ignore=same) > contrastive_loss(logits, ignore=same) + 10
 
 
 def test_mlm_mask_only_hides_words() -> None:
