@@ -345,6 +345,7 @@ def train(
     single_vtm: Annotated[float, typer.Option(help="Weight of the single-stream VTM loss.")] = 0.0,
     group_batches_from: Annotated[Optional[int], typer.Option(help="From this epoch (1-based) on, batch whole caption-file groups together (meta.group, e.g. hard-negative twins).", min=1)] = None,
     mlm: Annotated[float, typer.Option(help="Weight of masked language modelling.")] = 0.0,
+    mined_negatives: Annotated[int, typer.Option(help="Extra negatives per caption for the listwise mixed loss, mined from a bank of all training videos by multi-stream similarity.", min=0)] = 0,
     rerank_only_groups: Annotated[bool, typer.Option(help="Same-group videos are negatives for the rerankers only: the multi-stream loss ignores them (first stage finds the group, the reranker picks within it).")] = False,
     init: Annotated[Optional[str], typer.Option(help="clip:MODEL:PATH, e.g. clip:ViT-B-16:/models/vit_b16.safetensors.")] = None,
     train_only: Annotated[str, typer.Option(help="all, or cross (stage one after --init: CLIP parts frozen).")] = "all",
@@ -368,7 +369,7 @@ def train(
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup, seed=seed,
                           checkpoint_every=checkpoint_every, device=str(pick_device(device)),
                           group_batches_from=None if group_batches_from is None else group_batches_from - 1,
-                          rerank_only_groups=rerank_only_groups,
+                          rerank_only_groups=rerank_only_groups, mined_negatives=mined_negatives,
                           losses=LossWeights(mixed_vtm=mixed_vtm, mixed_nce=mixed_nce, single_vtm=single_vtm,
                                              mlm=mlm))
         model_config = preset(config)

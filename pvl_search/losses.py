@@ -12,6 +12,7 @@ from torch import Tensor
 from .config import CLIP_VOCAB_SIZE
 from .embeddings import PAD_ID
 from .model import PerceiverVL
+from .negative_bank import NegativeBank
 
 
 @dataclass
@@ -82,12 +83,19 @@ def compute_losses(
     token_ids: Tensor,
     weights: LossWeights = LossWeights(),
     groups: Tensor | None = None,
+    bank: NegativeBank | None = None,
+    rows: Tensor | None = None,
+    mined: int = 0,
 ) -> LossOutput:
     """All objectives on one batch of B matching (video, caption) pairs.
 
     `groups` (B,) ints: videos of one group (e.g. hard-negative twins) are left out of each
     other's multi-stream contrastive loss and stay negatives for the VTM and mixed losses,
-    so the first stage learns to find the group and the reranker to pick within it."""
+    so the first stage learns to find the group and the reranker to pick within it.
+
+    `bank` (with the batch's training-set `rows`): the `mined` banked videos closest to each
+    caption join its mixed-stream listwise loss as extra negatives; the bank is then updated
+    with this batch."""
     b = token_ids.shape[0]
     video = model.encode_video(frames, frame_mask)
     text = model.encode_text(token_ids)
@@ -106,8 +114,18 @@ def compute_losses(
         vtm = model.mixed_scores(text_states, video_states[:, None])[:, 0]  # (3B,)
         parts["mixed_vtm"] = F.binary_cross_entropy_with_logits(vtm, labels)
     if weights.mixed_nce:
-        all_pairs = model.mixed_scores(model.rerank_state(text.latents), model.rerank_state(video.latents))
-        parts["mixed_nce"] = contrastive_loss(all_pairs)  # (B_text, B_video) logits
+        text_states, video_states = model.rerank_state(text.latents), model.rerank_state(video.latents)
+        all_pairs = model.mixed_scores(text_states, video_states)  # (B_text, B_video) logits
+        parts["mixed_nce"] = contrastive_loss(all_pairs)
+        if bank is not None and rows is not None and mined > 0:
+            extra_states, valid = bank.mine(text.embedding, rows, mined)
+            extra = model.mixed_scores(text_states, extra_states.to(text_states.device))  # (B, mined)
+            extra = extra.masked_fill(~valid.to(extra.device), float("-inf"))
+            target = torch.arange(b, device=extra.device)
+            with_mined = F.cross_entropy(torch.cat([all_pairs, extra], dim=1), target)
+            # text -> video gets the mined candidates; video -> text keeps the in-batch texts
+            parts["mixed_nce"] = (with_mined + F.cross_entropy(all_pairs.T, target)) / 2
+            bank.update(rows, video.embedding, video_states)
     if weights.single_vtm:
         # The joint encoder is the costly pass: use B of the 3B pairs, half of them positive.
         # Random rows, so that every video gets positive pairs whatever the batch order.

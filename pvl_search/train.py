@@ -20,9 +20,11 @@ from .checkpoint import load_state, save_model
 from .losses import LossWeights, compute_losses
 from .metrics import RetrievalMetrics, ranks_after_rerank, ranks_from_scores, retrieval_metrics
 from .model import PerceiverVL
+from .negative_bank import NegativeBank
 from .pairs import PairSet
 
 TRAIN_STATE_FILE = "train_state.safetensors"
+BANK_FILE = "negative_bank.safetensors"
 
 
 @dataclass
@@ -43,6 +45,9 @@ class TrainConfig:
     # Group members are negatives for the reranking heads only: the multi-stream
     # contrastive loss ignores same-group pairs (see losses.compute_losses).
     rerank_only_groups: bool = False
+    # Extra negatives per caption for the listwise mixed-stream loss, mined from a bank of
+    # every training video's latest embedding (pvl_search.negative_bank); 0 = none.
+    mined_negatives: int = 0
     losses: LossWeights = field(default_factory=LossWeights)
     device: str = "cpu"
 
@@ -170,8 +175,14 @@ def load_train_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:
     return json.loads(metadata["meta"])
 
 
-def _write_checkpoint(model: PerceiverVL, folder: Path, optimizer: torch.optim.Optimizer, meta: dict) -> None:
+def _write_checkpoint(
+    model: PerceiverVL, folder: Path, optimizer: torch.optim.Optimizer, meta: dict, bank: NegativeBank | None
+) -> None:
     save_model(model, folder)
+    if bank is not None:  # part of the training state: a resumed run mines what this one would
+        tmp = folder / (BANK_FILE + ".tmp")
+        save_file({k: v.contiguous() for k, v in bank.state_dict().items()}, str(tmp))
+        os.replace(tmp, folder / BANK_FILE)
     save_train_state(folder, optimizer, meta)
 
 
@@ -209,8 +220,13 @@ def train(
     total_steps = steps_per_epoch * cfg.epochs
     step, start_epoch, best_r1, best_epoch = 0, 0, -1.0, -1
     history: list[ValidationResult] = []
+    bank = None
+    if cfg.mined_negatives:
+        bank = NegativeBank(len(train_data), model.config.embed_dim, model.config.rerank_state_width)
     if resume and (out / "last" / TRAIN_STATE_FILE).exists():
         load_state(model, load_file(str(out / "last" / "model.safetensors")), source=str(out / "last"))
+        if bank is not None and (out / "last" / BANK_FILE).exists():
+            bank.load_state_dict(load_file(str(out / "last" / BANK_FILE)))
         meta = load_train_state(out / "last", optimizer)
         step, start_epoch = meta["step"], meta["epoch"]
         best_r1, best_epoch = meta["best_r1"], meta["best_epoch"]
@@ -238,7 +254,7 @@ def train(
                 with autocast:
                     groups = train_data.group_ids(indices).to(device) if cfg.rerank_only_groups else None
                     losses = compute_losses(model, frames.to(device), masks.to(device), ids.to(device), cfg.losses,
-                                            groups)
+                                            groups, bank, torch.tensor(indices), cfg.mined_negatives)
                 optimizer.zero_grad(set_to_none=True)
                 losses.total.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -253,7 +269,8 @@ def train(
                     progress(record)
                 if step % cfg.checkpoint_every == 0:
                     _write_checkpoint(model, out / "last", optimizer,
-                                      {"step": step, "epoch": epoch, "best_r1": best_r1, "best_epoch": best_epoch})
+                                      {"step": step, "epoch": epoch, "best_r1": best_r1, "best_epoch": best_epoch},
+                                      bank)
             record = {"kind": "epoch", "epoch": epoch, "step": step}
             if val_data is not None and len(val_data):
                 val = evaluate(model, val_data, device=cfg.device, rerank_k=cfg.val_rerank_k)
@@ -269,7 +286,7 @@ def train(
             if progress:
                 progress(record)
             _write_checkpoint(model, out / "last", optimizer,
-                              {"step": step, "epoch": epoch + 1, "best_r1": best_r1, "best_epoch": best_epoch})
+                              {"step": step, "epoch": epoch + 1, "best_r1": best_r1, "best_epoch": best_epoch}, bank)
     finally:
         log.close()
     if val_data is None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pvl_search.checkpoint import load_model
+from pvl_search.losses import LossWeights
 from pvl_search.config import preset
 from pvl_search.model import PerceiverVL
 from pvl_search.pairs import FrameCache, PairSet, build_frame_cache
@@ -38,10 +39,10 @@ def pairs(tmp_path) -> PairSet:
     return PairSet(cache, captions, Tokenizer(CONFIG.text_length))
 
 
-def run(pairs: PairSet, out, epochs: int, resume: bool = False) -> PerceiverVL:
+def run(pairs: PairSet, out, epochs: int, resume: bool = False, **options) -> PerceiverVL:
     torch.manual_seed(0)
     model = PerceiverVL(CONFIG)
-    cfg = TrainConfig(epochs=epochs, batch_size=4, warmup_steps=2, checkpoint_every=2, lr=1e-3)
+    cfg = TrainConfig(epochs=epochs, batch_size=4, warmup_steps=2, checkpoint_every=2, lr=1e-3, **options)
     train(model, pairs, pairs, cfg, out, resume=resume)
     return model
 
@@ -52,10 +53,13 @@ def test_frame_cache_is_reused(pairs: PairSet, tmp_path) -> None:
     assert reopened.masks[:, 3].sum() == 0
 
 
-def test_resume_continues_exactly(pairs: PairSet, tmp_path) -> None:
-    straight = run(pairs, tmp_path / "straight", epochs=2)
-    run(pairs, tmp_path / "split", epochs=1)
-    resumed = run(pairs, tmp_path / "split", epochs=2, resume=True)
+@pytest.mark.parametrize("mined", [0, 2])
+def test_resume_continues_exactly(pairs: PairSet, tmp_path, mined: int) -> None:
+    """Also with mined negatives: the bank is part of the saved training state."""
+    options = {"mined_negatives": mined, "losses": LossWeights(mixed_nce=1.0)} if mined else {}
+    straight = run(pairs, tmp_path / "straight", epochs=2, **options)
+    run(pairs, tmp_path / "split", epochs=1, **options)
+    resumed = run(pairs, tmp_path / "split", epochs=2, resume=True, **options)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
 
