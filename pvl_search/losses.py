@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .config import CLIP_VOCAB_SIZE
 from .embeddings import PAD_ID
-from .model import PerceiverVL
+from .model import Encoding, PerceiverVL
 from .negative_bank import NegativeBank
 
 
@@ -76,6 +76,30 @@ def mlm_mask(token_ids: Tensor, probability: float, generator: torch.Generator |
     return chosen | (first_word & ~chosen.any(1, keepdim=True))
 
 
+def mixed_listwise_loss(
+    model: PerceiverVL,
+    video: Encoding,
+    text: Encoding,
+    bank: NegativeBank | None = None,
+    rows: Tensor | None = None,
+    mined: int = 0,
+) -> Tensor:
+    """Symmetric InfoNCE over the (B, B) mixed-stream logits of every in-batch pair; with a
+    bank, each caption's `mined` closest banked videos are extra candidates (text -> video
+    only), and the bank then takes this batch's videos."""
+    text_states, video_states = model.rerank_state(text.latents), model.rerank_state(video.latents)
+    all_pairs = model.mixed_scores(text_states, video_states)  # (B_text, B_video) logits
+    if bank is None or rows is None or mined <= 0:
+        return contrastive_loss(all_pairs)
+    extra_states, valid = bank.mine(text.embedding, rows, mined)
+    extra = model.mixed_scores(text_states, extra_states.to(text_states.device))  # (B, mined)
+    extra = extra.masked_fill(~valid.to(extra.device), float("-inf"))
+    target = torch.arange(all_pairs.shape[0], device=extra.device)
+    with_mined = F.cross_entropy(torch.cat([all_pairs, extra], dim=1), target)
+    bank.update(rows, video.embedding, video_states)
+    return (with_mined + F.cross_entropy(all_pairs.T, target)) / 2
+
+
 def compute_losses(
     model: PerceiverVL,
     frames: Tensor,
@@ -114,24 +138,13 @@ def compute_losses(
         vtm = model.mixed_scores(text_states, video_states[:, None])[:, 0]  # (3B,)
         parts["mixed_vtm"] = F.binary_cross_entropy_with_logits(vtm, labels)
     if weights.mixed_nce:
-        text_states, video_states = model.rerank_state(text.latents), model.rerank_state(video.latents)
-        all_pairs = model.mixed_scores(text_states, video_states)  # (B_text, B_video) logits
-        parts["mixed_nce"] = contrastive_loss(all_pairs)
-        if bank is not None and rows is not None and mined > 0:
-            extra_states, valid = bank.mine(text.embedding, rows, mined)
-            extra = model.mixed_scores(text_states, extra_states.to(text_states.device))  # (B, mined)
-            extra = extra.masked_fill(~valid.to(extra.device), float("-inf"))
-            target = torch.arange(b, device=extra.device)
-            with_mined = F.cross_entropy(torch.cat([all_pairs, extra], dim=1), target)
-            # text -> video gets the mined candidates; video -> text keeps the in-batch texts
-            parts["mixed_nce"] = (with_mined + F.cross_entropy(all_pairs.T, target)) / 2
-            bank.update(rows, video.embedding, video_states)
+        parts["mixed_nce"] = mixed_listwise_loss(model, video, text, bank, rows, mined)
     if weights.single_vtm:
         # The joint encoder is the costly pass: use B of the 3B pairs, half of them positive.
         # Random rows, so that every video gets positive pairs whatever the batch order.
         half, quarter = b - b // 2, b // 4
-        rows = [torch.randperm(b)[:n] for n in (half, quarter, b // 2 - quarter)]
-        pick = torch.cat([rows[0], b + rows[1], 2 * b + rows[2]]).to(videos.device)
+        draws = [torch.randperm(b)[:n] for n in (half, quarter, b // 2 - quarter)]
+        pick = torch.cat([draws[0], b + draws[1], 2 * b + draws[2]]).to(videos.device)
         v, t = videos[pick], texts[pick]
         mask = None if frame_mask is None else frame_mask[v]
         vtm = model.single_stream_scores(frames[v], mask, token_ids[t])
