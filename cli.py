@@ -419,10 +419,14 @@ def _print_eval(report, title: str) -> None:  # noqa: ANN001 - indexer.evaluatio
     from indexer.evaluation import ROW_HEADER
 
     table = Table(title=title)
-    for column in ROW_HEADER:
+    for column in (*ROW_HEADER, "R@1 vs multi"):
         table.add_column(column, justify="left" if column == "method" else "right")
-    for method, k, *numbers in report.rows():
-        table.add_row(method, "-" if k is None else str(k), *(f"{x:.1f}" for x in numbers))
+    versus = report.versus_retrieval()
+    for result, (method, k, *numbers) in zip(report.methods, report.rows()):
+        change = versus.get(result.label)
+        # first places won / lost against retrieval alone, and the sign test's p-value
+        paired = "" if change is None else f"+{change.gained}/-{change.lost} p={change.p_value:.2f}"
+        table.add_row(method, "-" if k is None else str(k), *(f"{x:.1f}" for x in numbers), paired)
     console.print(table)
     subsets = report.subset_rows()
     if subsets:
@@ -473,7 +477,8 @@ def evaluate(
     except _domain_errors() as exc:
         raise fail(str(exc)) from None
     if as_json:
-        print(json.dumps(report.to_dict()))
+        versus = {label: vars(change) for label, change in report.versus_retrieval().items()}
+        print(json.dumps({**report.to_dict(), "versus_retrieval": versus}))
         return
     _print_eval(report, f"text-to-video retrieval, {split} split of {captions.name}")
     if plot:

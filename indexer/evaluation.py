@@ -46,7 +46,7 @@ from indexer.encoding import ModelRunner
 from indexer.index_store import IndexStore
 from indexer.searcher import Searcher
 from pvl_search.captions import SPLITS, load_captions
-from pvl_search.metrics import RetrievalMetrics, ranks_from_scores, retrieval_metrics
+from pvl_search.metrics import PairedChange, RetrievalMetrics, paired_top1_change, ranks_from_scores, retrieval_metrics
 from pvl_search.video import VideoDecodeError, read_clips
 
 MULTI, MIXED, SINGLE, EXHAUSTIVE = "multi", "mixed", "single", "single-exhaustive"
@@ -113,6 +113,11 @@ class EvalReport:
              m.metrics.mean_rank, m.latency_p50_ms, m.latency_p95_ms)
             for m in self.methods
         ]
+
+    def versus_retrieval(self) -> dict[str, PairedChange]:
+        """Per reranking method (by label), its top-1 changes against retrieval alone."""
+        base = self.method(MULTI).ranks
+        return {m.label: paired_top1_change(base, m.ranks) for m in self.methods if m.method != MULTI}
 
     def subset_rows(self) -> list[tuple[str, int | None, str, int, float]]:
         """(method, K, subset label, queries in it, R@1) for every subset label found."""

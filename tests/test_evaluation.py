@@ -273,6 +273,13 @@ def test_json_round_trip_rows_and_plot(report: EvalReport, tmp_path: Path) -> No
     assert len(rows) == len(report.methods) and all(len(r) == len(ROW_HEADER) for r in rows)
     assert rows[0][:2] == (MULTI, None)
     assert {r[2] for r in report.subset_rows()} == {"heldout", "order"}
+    versus = report.versus_retrieval()
+    assert set(versus) == {m.label for m in report.methods if m.method != MULTI}
+    for m in report.methods:
+        if m.method != MULTI:  # gains minus losses of first places is the R@1 difference
+            change = versus[m.label]
+            net = (change.gained - change.lost) * 100 / report.n_queries
+            assert m.metrics.r1 - report.method(MULTI).metrics.r1 == pytest.approx(net)
     out = plot_report(report, tmp_path / "eval.png")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

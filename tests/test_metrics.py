@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pvl_search.metrics import ranks_after_rerank, ranks_from_scores, retrieval_metrics
+from pvl_search.metrics import paired_top1_change, ranks_after_rerank, ranks_from_scores, retrieval_metrics
 
 
 def test_ranks_on_a_hand_made_matrix() -> None:
@@ -49,3 +49,16 @@ def test_rerank_reorders_only_the_first_stage_top_k() -> None:
     # query 2: target 0 is outside the top 3 (rank 4) even though it wins the second stage.
     assert ranks_after_rerank(first, second, [2, 3, 0], k=3).tolist() == [1, 4, 4]
     assert ranks_after_rerank(first, second, [2, 3, 0], k=4).tolist() == [2, 1, 1]
+
+
+def test_paired_top1_change_and_sign_test() -> None:
+    base = [1, 1, 2, 3, 1, 5]
+    new = [1, 2, 1, 1, 1, 1]
+    change = paired_top1_change(base, new)
+    assert (change.gained, change.lost) == (3, 1)
+    assert change.p_value == pytest.approx(2 * 5 / 16)  # P(X >= 3 | n=4, 1/2) = 5/16, two-sided
+    assert paired_top1_change(base, base).p_value == 1.0
+    lopsided = paired_top1_change([2] * 20, [1] * 20)
+    assert lopsided.gained == 20 and lopsided.p_value == pytest.approx(2 / 2**20)
+    with pytest.raises(ValueError):
+        paired_top1_change([1, 2], [1])
