@@ -240,8 +240,8 @@ def train(
             generator.manual_seed(cfg.seed * 1000 + epoch)
             skip = step - epoch * steps_per_epoch  # batches of this epoch done before a resume
             grouped = cfg.group_batches_from is not None and epoch >= cfg.group_batches_from
-            groups = train_data.groups if grouped else None
-            for i, indices in enumerate(epoch_batches(len(train_data), cfg.batch_size, generator, groups)):
+            labels = train_data.groups if grouped else None
+            for i, indices in enumerate(epoch_batches(len(train_data), cfg.batch_size, generator, labels)):
                 frames, masks, ids = train_data.batch(indices, generator)
                 if i < skip:
                     continue
@@ -252,9 +252,9 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total_steps, cfg)
                 with autocast:
-                    groups = train_data.group_ids(indices).to(device) if cfg.rerank_only_groups else None
+                    batch_groups = train_data.group_ids(indices).to(device) if cfg.rerank_only_groups else None
                     losses = compute_losses(model, frames.to(device), masks.to(device), ids.to(device), cfg.losses,
-                                            groups, bank, torch.tensor(indices), cfg.mined_negatives)
+                                            batch_groups, bank, torch.tensor(indices), cfg.mined_negatives)
                 optimizer.zero_grad(set_to_none=True)
                 losses.total.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
