@@ -80,14 +80,15 @@ def mixed_listwise_loss(
     model: PerceiverVL,
     video: Encoding,
     text: Encoding,
+    video_states: Tensor,
+    text_states: Tensor,
     bank: NegativeBank | None = None,
     rows: Tensor | None = None,
     mined: int = 0,
 ) -> Tensor:
-    """Symmetric InfoNCE over the (B, B) mixed-stream logits of every in-batch pair; with a
-    bank, each caption's `mined` closest banked videos are extra candidates (text -> video
-    only), and the bank then takes this batch's videos."""
-    text_states, video_states = model.rerank_state(text.latents), model.rerank_state(video.latents)
+    """Symmetric InfoNCE over the (B, B) mixed-stream logits of every in-batch pair (from the
+    batch's rerank states); with a bank, each caption's `mined` closest banked videos are
+    extra candidates (text -> video only), and the bank then takes this batch's videos."""
     all_pairs = model.mixed_scores(text_states, video_states)  # (B_text, B_video) logits
     if bank is None or rows is None or mined <= 0:
         return contrastive_loss(all_pairs)
@@ -132,13 +133,13 @@ def compute_losses(
         parts["contrastive"] = contrastive_loss(logits, ignore=same_group)
     neg_video, neg_text = hard_negatives(logits)
     videos, texts, labels = vtm_pairs(b, neg_video, neg_text)
+    if weights.mixed_vtm or weights.mixed_nce:  # both mixed losses read the same states
+        video_states, text_states = model.rerank_state(video.latents), model.rerank_state(text.latents)
     if weights.mixed_vtm:
-        video_states = model.rerank_state(video.latents)[videos]  # (3B, W)
-        text_states = model.rerank_state(text.latents)[texts]
-        vtm = model.mixed_scores(text_states, video_states[:, None])[:, 0]  # (3B,)
+        vtm = model.mixed_scores(text_states[texts], video_states[videos][:, None])[:, 0]  # (3B,)
         parts["mixed_vtm"] = F.binary_cross_entropy_with_logits(vtm, labels)
     if weights.mixed_nce:
-        parts["mixed_nce"] = mixed_listwise_loss(model, video, text, bank, rows, mined)
+        parts["mixed_nce"] = mixed_listwise_loss(model, video, text, video_states, text_states, bank, rows, mined)
     if weights.single_vtm:
         # The joint encoder is the costly pass: use B of the 3B pairs, half of them positive.
         # Random rows, so that every video gets positive pairs whatever the batch order.

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -106,12 +107,11 @@ def epoch_batches(
 
 
 @torch.no_grad()
-def evaluate(
-    model: PerceiverVL, data: PairSet, *, batch_size: int = 32, device: str = "cpu", rerank_k: int = 16
-) -> dict[str, RetrievalMetrics]:
-    """Text-to-video R@K over `data`, every caption a query: "multi" (embedding dot product),
-    "mixed" (factorised decoder over all videos) and "reranked" (multi-stream top `rerank_k`
-    re-scored by similarity + mixed logit, as `pvl-search search` does by default)."""
+def score_matrices(
+    model: PerceiverVL, data: PairSet, *, batch_size: int = 32, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Every caption of `data` against every video: multi-stream similarities and
+    mixed-stream logits, both (captions, videos), and each caption's video index."""
     model.eval()
     g = torch.Generator().manual_seed(0)
     embeddings, states = [], []
@@ -129,6 +129,16 @@ def evaluate(
         mixed_parts.append(model.mixed_scores(model.rerank_state(text.latents), video_states))
     multi = torch.cat(multi_parts).float().cpu().numpy()
     mixed = torch.cat(mixed_parts).float().cpu().numpy()
+    return multi, mixed, owners
+
+
+def evaluate(
+    model: PerceiverVL, data: PairSet, *, batch_size: int = 32, device: str = "cpu", rerank_k: int = 16
+) -> dict[str, RetrievalMetrics]:
+    """Text-to-video R@K over `data`, every caption a query: "multi" (embedding dot product),
+    "mixed" (factorised decoder over all videos) and "reranked" (multi-stream top `rerank_k`
+    re-scored by similarity + mixed logit, as `pvl-search search` does by default)."""
+    multi, mixed, owners = score_matrices(model, data, batch_size=batch_size, device=device)
     return {
         "multi": retrieval_metrics(ranks_from_scores(multi, owners)),
         "mixed": retrieval_metrics(ranks_from_scores(mixed, owners)),
@@ -203,6 +213,8 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     if len(train_data) < cfg.batch_size:
         raise ValueError(f"{len(train_data)} training videos is fewer than one batch of {cfg.batch_size}")
+    if cfg.mined_negatives and not cfg.losses.mixed_nce:
+        raise ValueError("mined negatives feed the listwise mixed-stream loss: give it a weight (--mixed-nce)")
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     model.to(device)

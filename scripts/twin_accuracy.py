@@ -15,31 +15,16 @@ import argparse
 import json
 
 import numpy as np
-import torch
 
 from pvl_search.captions import load_captions
 from pvl_search.checkpoint import load_model
 from pvl_search.pairs import PairSet, build_frame_cache
 from pvl_search.tokenizer import Tokenizer
+from pvl_search.train import score_matrices
 
 
-@torch.no_grad()
 def scores(model, data: PairSet) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    g = torch.Generator().manual_seed(0)
-    embeddings, states = [], []
-    for start in range(0, len(data), 32):
-        frames, masks, _ = data.batch(range(start, min(len(data), start + 32)), g)
-        video = model.encode_video(frames, masks)
-        embeddings.append(video.embedding)
-        states.append(model.rerank_state(video.latents))
-    embeddings, states = torch.cat(embeddings), torch.cat(states)
-    ids, owners = data.all_captions()
-    multi, mixed = [], []
-    for start in range(0, len(ids), 64):
-        text = model.encode_text(ids[start : start + 64])
-        multi.append(text.embedding @ embeddings.T)
-        mixed.append(model.mixed_scores(model.rerank_state(text.latents), states))
-    multi, mixed = torch.cat(multi).numpy(), torch.cat(mixed).numpy()
+    multi, mixed, owners = score_matrices(model, data)
     return {"multi": multi, "mixed": mixed, "sum": multi + mixed}, np.asarray(owners)
 
 

@@ -135,3 +135,8 @@ def test_cli_trains_on_a_synthetic_corpus_with_twin_groups(tmp_path) -> None:
     assert not failed and len(set(train_groups)) * 4 == len(train_groups)
     ids = datasets["train"].group_ids([0, 1, 2, 3, 4])
     assert ids.tolist() == [0, 0, 0, 0, 1]  # the corpus lists each group's four videos together
+
+
+def test_mined_negatives_need_the_listwise_loss(pairs: PairSet, tmp_path) -> None:
+    with pytest.raises(ValueError, match="mixed-nce"):
+        run(pairs, tmp_path / "out", epochs=1, mined_negatives=2)
