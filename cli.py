@@ -335,6 +335,8 @@ def train(
     captions: Annotated[Path, typer.Option(help="Captions file (pvl-search JSON, MSR-VTT JSON or WebVid CSV).")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints last/ and best/, log.jsonl, run.json.")],
     config: Annotated[str, typer.Option(help="Model preset: tiny or base.")] = "tiny",
+    text_mixer_layers: Annotated[Optional[int], typer.Option(help="Self-attention layers over the text tokens before the latents read them (binds a word to its neighbours; 0 = the paper's input). Default: the preset's.", min=0)] = None,
+    temporal_kernel: Annotated[Optional[int], typer.Option(help="Frames in a depthwise convolution over time at each patch position (motion, event order; odd; 0 = the paper's input). Default: the preset's.", min=0)] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the training videos.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Videos per step (in-batch negatives).")] = 32,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = 5e-4,
@@ -372,7 +374,8 @@ def train(
                           rerank_only_groups=rerank_only_groups, mined_negatives=mined_negatives,
                           losses=LossWeights(mixed_vtm=mixed_vtm, mixed_nce=mixed_nce, single_vtm=single_vtm,
                                              mlm=mlm))
-        model_config = preset(config)
+        overrides = {"text_mixer_layers": text_mixer_layers, "temporal_kernel": temporal_kernel}
+        model_config = preset(config).replace(**{k: v for k, v in overrides.items() if v is not None})
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                       TimeRemainingColumn(), console=err_console, disable=as_json) as bar:
             cache_task = bar.add_task("decoding", total=None, info="")

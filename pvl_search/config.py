@@ -31,12 +31,20 @@ class ModelConfig:
     token_dim: int | None = None  # factorised token embedding width (None = hidden)
     embed_dim: int = 256  # d: multi-stream embedding stored in the vector index
     layerdrop: float = 0.5  # p_LD: chance to skip each cross-attention but the first
+    # Additions to the paper's input embedding, off in its configuration (0). The latents
+    # see inputs only through cross-attention, a weighted sum: a word cannot be bound to its
+    # neighbour ("blue cross" vs "blue ... cross") nor a patch to the same patch a frame
+    # earlier (motion, event order). These give the inputs that local context first.
+    text_mixer_layers: int = 0  # self-attention layers over the text tokens
+    temporal_kernel: int = 0  # depthwise convolution over frames at each patch position (odd)
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
         if self.frame_size % self.patch:
             raise ValueError(f"frame_size={self.frame_size} is not divisible by patch={self.patch}")
+        if self.temporal_kernel and self.temporal_kernel % 2 == 0:
+            raise ValueError(f"temporal_kernel={self.temporal_kernel} must be odd (0 = off)")
         if self.text_length < 3:
             raise ValueError("text_length must leave room for <start>, one token and <end>")
 

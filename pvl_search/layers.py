@@ -76,7 +76,7 @@ class MLP(nn.Module):
 
 
 class SelfAttentionBlock(nn.Module):
-    """Pre-norm transformer layer over the latents."""
+    """Pre-norm transformer layer over the latents (or, with a key mask, over padded text tokens)."""
 
     def __init__(self, dim: int, *, heads: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -85,8 +85,8 @@ class SelfAttentionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, ratio=mlp_ratio)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), key_mask=key_mask)
         return x + self.mlp(self.norm2(x))
 
 

@@ -77,6 +77,69 @@ def test_missing_frames_do_not_change_real_frames() -> None:
     assert not torch.allclose(a, unmasked, atol=1e-3)  # the mask is what made them equal
 
 
+# The two input-context options, with the temporal convolution moved off its zero start.
+MIXED = MICRO.replace(text_mixer_layers=1, temporal_kernel=3)
+
+
+def make_mixed_model(seed: int = 0) -> PerceiverVL:
+    model = make_model(MIXED, seed)
+    with torch.no_grad():
+        model.video_embed.temporal_mix.weight.normal_(0, 0.5)
+    return model
+
+
+def test_padding_and_missing_frames_stay_invisible_with_input_mixers() -> None:
+    model = make_mixed_model()
+    ids = random_text(MIXED, batch=1, length=6)
+    frames = random_video(MIXED, batch=1)
+    other = frames.clone()
+    other[:, 2:] = torch.randn_like(other[:, 2:]) * 5
+    mask = torch.tensor([[True, True, False, False]])
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(ids).latents, model.encode_text(ids[:, :6]).latents, atol=1e-5)
+        a = model.encode_video(frames, mask).latents
+        assert torch.allclose(a, model.encode_video(other, mask).latents, atol=1e-5)
+        assert torch.allclose(a, model.encode_video(frames[:, :2]).latents, atol=1e-5)
+
+
+def test_text_mixer_gives_each_word_its_neighbours() -> None:
+    ids = random_text(MICRO, batch=1, length=6)
+    changed = ids.clone()
+    changed[0, 3] += 1  # another word right after position 2
+    for config, depends in ((MICRO, False), (MIXED, True)):
+        model = make_model(config)
+        with torch.no_grad():
+            a, _ = model.text_inputs(ids)
+            b, _ = model.text_inputs(changed)
+        assert torch.allclose(a[0, 2], b[0, 2]) is not depends
+
+
+def test_temporal_kernel_sees_the_same_patch_in_the_previous_frame() -> None:
+    frames = random_video(MIXED, batch=1)
+    moved = frames.clone()
+    moved[:, 1, :, :8, :8] += 1.0  # frame 1, first patch
+    patches = MIXED.grid**2
+    for model, depends in ((make_model(MICRO), False), (make_mixed_model(), True)):
+        with torch.no_grad():
+            a, _ = model.video_inputs(frames)
+            b, _ = model.video_inputs(moved)
+        assert torch.allclose(a[0, 2 * patches], b[0, 2 * patches]) is not depends  # frame 2, first patch
+        assert torch.allclose(a[0, 2 * patches + 1], b[0, 2 * patches + 1])  # frame 2, another patch
+
+
+def test_temporal_kernel_starts_as_the_papers_embedding() -> None:
+    plain, mixed = make_model(MICRO), make_model(MICRO.replace(temporal_kernel=3))
+    mixed.load_state_dict(plain.state_dict(), strict=False)
+    frames = random_video(MICRO)
+    with torch.no_grad():
+        assert torch.allclose(plain.encode_video(frames).latents, mixed.encode_video(frames).latents, atol=1e-6)
+
+
+def test_even_temporal_kernel_is_refused() -> None:
+    with pytest.raises(ValueError, match="temporal_kernel"):
+        MICRO.replace(temporal_kernel=2)
+
+
 def test_image_is_a_one_frame_video() -> None:
     model = make_model()
     with torch.no_grad():
