@@ -119,7 +119,7 @@ def test_cli_trains_on_a_synthetic_corpus_with_twin_groups(tmp_path) -> None:
     result = CliRunner().invoke(cli.app, [
         "train", "--captions", str(captions), "--out", str(tmp_path / "run"), "--epochs", "2",
         "--batch-size", "4", "--warmup", "2", "--mixed-nce", "1", "--group-batches-from", "2",
-        "--rerank-only-groups", "--json",
+        "--rerank-only-groups", "--text-mixer-layers", "1", "--temporal-kernel", "3", "--json",
     ])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -128,7 +128,8 @@ def test_cli_trains_on_a_synthetic_corpus_with_twin_groups(tmp_path) -> None:
     epochs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "epoch"]
     assert len(epochs) == 2 and all("val_reranked" in e for e in epochs)
-    assert load_model(tmp_path / "run" / "best").config == preset("tiny")
+    mixed_inputs = preset("tiny").replace(text_mixer_layers=1, temporal_kernel=3)
+    assert load_model(tmp_path / "run" / "best").config == mixed_inputs  # the flags reach the saved config
     # Twins share a group label (four videos each); the cache built by the run is reused.
     datasets, failed = load_pair_sets(captions, preset("tiny"), tmp_path / "run" / "frame-cache")
     train_groups = datasets["train"].groups
