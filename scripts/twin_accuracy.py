@@ -2,7 +2,8 @@
 
 For every caption of a split: is its own video the top-scoring one among the videos of its
 group (the scene with events swapped, colours swapped, both; chance 25% for groups of four),
-and is its group the top-scoring group (group R@1)? Scores: multi-stream similarity, mixed-
+and is its group the top-scoring group (group R@1)? And against each kind of twin alone
+(order swapped, colours swapped), how often does its own video score higher (chance 50)? Scores: multi-stream similarity, mixed-
 stream logit, and their sum (what `pvl-search search` ranks reranked candidates by).
 
     python scripts/twin_accuracy.py --model pvl_search/weights/tiny-synth \
@@ -38,6 +39,19 @@ def twin_report(score: np.ndarray, owners: np.ndarray, groups: np.ndarray) -> di
             "group_r1": float((np.asarray(beaten_by) == 0).mean() * 100)}
 
 
+def pairwise_report(score: np.ndarray, owners: np.ndarray, keys: list[str],
+                    twins: dict[str, dict[str, str]]) -> dict[str, float]:
+    """Per kind of twin (e.g. order, binding): how often a caption scores its own video above
+    that one twin (chance 50). Says which factor the model cannot see."""
+    row = {key: i for i, key in enumerate(keys)}
+    wins: dict[str, list[bool]] = {}
+    for q, video in enumerate(owners):
+        for factor, twin in twins.get(keys[video], {}).items():
+            if twin in row:
+                wins.setdefault(factor, []).append(bool(score[q, video] > score[q, row[twin]]))
+    return {f"vs_{factor}_twin": float(np.mean(w) * 100) for factor, w in sorted(wins.items())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -53,7 +67,9 @@ def main() -> None:
                    groups={r.video_id: str(r.meta["group"]) for r in records})
     by_method, owners = scores(model, data)
     groups = np.asarray(data.groups)
-    report = {name: twin_report(s, owners, groups) for name, s in by_method.items()}
+    twins = {r.video_id: r.meta.get("hard_negatives", {}) for r in records}
+    report = {name: twin_report(s, owners, groups) | pairwise_report(s, owners, data.keys, twins)
+              for name, s in by_method.items()}
     report["chance_within_group_top1"] = 100 * len(set(groups)) / len(groups)
     print(json.dumps({"queries": len(owners), "videos": len(groups), **report}, indent=2))
 
