@@ -10,7 +10,7 @@ from indexer.encoding import DEFAULT_MODEL_DIR
 from pvl_search.checkpoint import load_model
 
 
-def test_shipped_model_loads_as_the_tiny_preset() -> None:
+def test_shipped_model_loads_and_has_its_card() -> None:
     model = load_model(DEFAULT_MODEL_DIR)
     assert model.config.frame_size == 64 and (Path(DEFAULT_MODEL_DIR) / "MODEL_CARD.md").is_file()
 
