@@ -26,8 +26,8 @@ from pvl_search.losses import LossWeights
 from pvl_search.model import PerceiverVL
 from pvl_search.pairs import PairSet, build_frame_cache
 from pvl_search.tokenizer import Tokenizer
-from pvl_search.train import TrainConfig, score_matrices, train
-from twin_accuracy import twin_report
+from pvl_search.train import TrainConfig, train
+from twin_accuracy import scores, twin_report
 
 
 def main() -> None:
@@ -52,10 +52,9 @@ def main() -> None:
                       checkpoint_every=10**9, losses=LossWeights(single_vtm=0.5, mixed_nce=1.0))
     began = time.perf_counter()
     train(model, data, None, cfg, args.out)
-    multi, mixed, owners = score_matrices(model, data)
+    by_method, owners = scores(model, data)
     groups = np.asarray(data.groups)
-    report = {name: twin_report(s, np.asarray(owners), groups)
-              for name, s in (("multi", multi), ("mixed", mixed), ("sum", multi + mixed))}
+    report = {name: twin_report(s, owners, groups) for name, s in by_method.items()}
     print(json.dumps({"config": {"text_mixer_layers": args.text_mixer_layers, "temporal_kernel": args.temporal_kernel},
                       "videos": len(data), "epochs": args.epochs, "seconds": time.perf_counter() - began, **report},
                      indent=2))
