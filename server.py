@@ -7,11 +7,30 @@ the server runs become searchable without a restart.
 
     GET /search?q=...&k=&rerank_k=&rerank=&fusion=&glob=&min_duration=&max_duration=&since=
     GET /videos/{id}
+    GET /videos/{id}/file[?download=1]   the video itself (HTTP Range: 206 Partial Content)
+    GET /segments/{id}/thumbnail         JPEG of the segment, made at index time
     GET /health
+    GET /  and /static/...               the web page (pvl_web/static)
 
-Errors are JSON `{"detail": ...}`: 422 for malformed parameters (FastAPI's validation),
-400 for a query the searcher refuses, 404 for an unknown video, 503 when the index cannot
-be read, 500 `"internal error"` (logged, never a traceback) for anything else.
+Files are looked up by id, never by path: only indexed videos that are still on disk, and
+thumbnails of live segments; anything else is 404. With a token (required to listen beyond
+loopback) every request needs it (pvl_web.auth).
+
+Errors are JSON `{"detail": ...}`: 422 for a parameter of the wrong type (FastAPI's
+validation; a long input is cut short in the echo), 400 for a request the searcher refuses
+(indexer/request.py, the same rules as `pvl-search search`), 404 for an unknown video, 429
+with Retry-After when the single-stream rerank slots are all busy, 503 with a one-line reason
+while the index cannot be read (it recovers by itself when the index is back), 500
+`"internal error"` (logged, never a traceback) for anything else.
+
+The server follows its index folder: if it is replaced (deleted and restored, rebuilt) the
+next request reopens it. Single-stream rerank decodes every candidate again; at most
+`single_slots` such requests run at once, so they never queue up in front of plain searches.
+
+Searches that arrive within a few milliseconds of each other are answered together
+(indexer/batching.py: one text-encoder call and one SQL read of segment rows per batch);
+each answer is exactly the one the request gets alone, and a lone request waits at most
+the window.
 """
 
 from __future__ import annotations
@@ -20,28 +39,45 @@ import logging
 import math
 import socket
 import threading
-from collections.abc import Callable
-from datetime import datetime, timezone
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import JSONResponse
-from sqlalchemy import func, select
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.staticfiles import StaticFiles
 
-from indexer.errors import IndexStoreError
-from indexer.schema import Segment, Video, VideoStatus
-from indexer.searcher import Searcher, SearchError, SearchFilters
+from indexer.batching import BATCH_WINDOW_S, MAX_BATCH, QueryBatcher
+from indexer.errors import IndexStoreError, NotFoundError
+from indexer.media import MediaFile, MediaNotFound, has_thumbnail, media_type, thumbnail_file, video_file
+from indexer.paths import relative_shown
+from indexer.request import (
+    FUSIONS,
+    MAX_K,
+    MAX_QUERY_CHARS,
+    MAX_RERANK_K,
+    MAX_SINGLE_RERANK_K,
+    RERANK_MODES,
+    SearchError,
+    search_request,
+)
+from indexer.precision import DtypeChoice
+from indexer.searcher import QUERY_CACHE, Searcher
+from pvl_web import PAGE, PAGE_CSP, STATIC_DIR
+from pvl_web.auth import TokenGate, check_token, is_loopback
 
-MAX_QUERY_CHARS = 1000
-MAX_K = 100  # videos per response
-MAX_RERANK_K = 1000  # segments retrieved and reranked
-MAX_SINGLE_RERANK_K = 64  # single-stream rerank decodes every candidate again: keep K small
+SINGLE_SLOTS = 1  # single-stream rerank requests running at once; more wait in the client
+ECHO_CHARS = 80  # a 422 shows at most this much of the input it refuses
 
 log = logging.getLogger("pvl_search.server")
 
 T = TypeVar("T")
+# Media answers: private (the token may guard them), revalidated (a file may change), never sniffed.
+MEDIA_HEADERS = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
 
 
 def _json_safe(value: Any) -> Any:
@@ -61,35 +97,77 @@ def _internal_error(exc: BaseException) -> HTTPException:
     return HTTPException(status_code=500, detail="internal error")
 
 
-def create_app(searcher: Searcher) -> FastAPI:
-    """The API over an open Searcher (the caller owns it and closes it)."""
+def create_app(
+    searcher: Searcher,
+    *,
+    token: str | None = None,
+    docs: bool = True,
+    path_root: str | Path | None = None,
+    single_slots: int = SINGLE_SLOTS,
+    batch_window_s: float = BATCH_WINDOW_S,
+    max_batch: int = MAX_BATCH,
+) -> FastAPI:
+    """The API and the page over an open Searcher (the caller owns it and closes it); with a
+    `token`, every request must carry it (pvl_web.auth). `docs`: serve /docs, /redoc and
+    /openapi.json. `path_root`: show video paths relative to this folder (a file outside it
+    by its name alone), so answers do not expose the host's folders. Searches arriving
+    within `batch_window_s` of each other are answered together, up to `max_batch` at once
+    (indexer/batching.py); each answer is the one the request gets alone."""
+    # The model is not safe for concurrent use, and a search refreshes the index view in
+    # place: every search goes through the batcher, whose one worker thread runs them.
+    # Endpoints are plain functions, so FastAPI runs them in its thread pool, where they
+    # wait for their answer while the event loop stays free.
+    batcher = QueryBatcher(lambda requests: searcher.run_many(requests), window_s=batch_window_s,
+                           max_batch=max_batch)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        batcher.close()  # waiting searches are answered first
+
     app = FastAPI(
         title="pvl-search",
         summary="Text-to-video search on Perceiver-VL",
         version=_version(),
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+        lifespan=lifespan,
     )
-    # The model is not safe for concurrent use, and a search refreshes the index view in
-    # place: one search at a time. Endpoints are plain functions, so FastAPI runs them in
-    # its thread pool and the event loop stays free while a search holds the lock.
-    model_lock = threading.Lock()
+    app.state.batcher = batcher
+    # Single-stream rerank decodes and re-encodes every candidate: bounded apart, and a request
+    # finding every slot taken is turned away at once (429) rather than queued in front of
+    # the plain searches, which then wait for at most `single_slots` of them.
+    single = threading.BoundedSemaphore(single_slots)
+    single_seconds = [1.0]  # how long the last one took: the Retry-After hint
 
-    def guarded(fn: Callable[[], T], *, locked: bool = True) -> T:
-        """Run `fn` (under the lock unless it only reads SQL); domain errors -> 400/503,
-        anything else -> 500."""
+    def guarded(fn: Callable[[], T]) -> T:
+        """Run `fn`; domain errors -> 400/503, anything else -> 500."""
         try:
-            if not locked:
-                return fn()
-            with model_lock:
-                return fn()
+            return fn()
         except HTTPException:
             raise
         except SearchError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
-        except IndexStoreError as exc:  # index missing, replaced or damaged since start-up
-            log.warning("index unavailable: %s", exc)
-            raise HTTPException(status_code=503, detail=str(exc)) from None
+        except (IndexStoreError, OSError) as exc:  # index missing, unreadable, database down
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("index unavailable: %s", reason)
+            raise HTTPException(status_code=503, detail=reason, headers={"Retry-After": "5"}) from None
         except Exception as exc:
             raise _internal_error(exc) from None
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's 422 echoes each refused input whole: cut it short.
+        errors = []
+        for error in exc.errors():
+            error = dict(error)
+            error.pop("ctx", None)  # may hold exception objects, not JSON
+            text = error.get("input")
+            if isinstance(text, str) and len(text) > ECHO_CHARS:
+                error["input"] = text[:ECHO_CHARS] + "..."
+            errors.append(error)
+        return JSONResponse({"detail": _json_safe(errors)}, status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, _exc: Exception) -> JSONResponse:
@@ -98,64 +176,105 @@ def create_app(searcher: Searcher) -> FastAPI:
 
     @app.get("/search")
     def search(
-        q: Annotated[str, Query(max_length=MAX_QUERY_CHARS, description="What to look for, in words.")],
-        k: Annotated[int, Query(ge=1, le=MAX_K, description="Videos to return.")] = 10,
-        rerank_k: Annotated[int, Query(ge=1, le=MAX_RERANK_K,
-                                       description="Segments retrieved and reranked.")] = 50,
-        rerank: Annotated[Literal["mixed", "single", "none"], Query(
-            description=f"mixed (stored states), single (decodes again; rerank_k <= {MAX_SINGLE_RERANK_K}), none."
-        )] = "mixed",
-        fusion: Annotated[Literal["sum", "rerank"], Query(
-            description="sum: retrieval similarity + rerank logit; rerank: the logit alone."
+        q: Annotated[str, Query(description=f"What to look for, in words (at most {MAX_QUERY_CHARS} characters).")],
+        k: Annotated[int, Query(description=f"Videos to return (1 to {MAX_K}).")] = 10,
+        rerank_k: Annotated[int, Query(description=f"Segments retrieved and reranked (1 to {MAX_RERANK_K}).")] = 50,
+        rerank: Annotated[str, Query(
+            description=f"{', '.join(RERANK_MODES)}: auto (the reranker the model's validation chose), mixed "
+            f"(the paper's [CLS] decoder, stored states), latent (query latents over stored video latents), "
+            f"single (decodes again; rerank_k <= {MAX_SINGLE_RERANK_K}), none."
+        )] = "auto",
+        fusion: Annotated[str, Query(
+            description=f"{', '.join(FUSIONS)}: retrieval similarity + rerank logit, or the logit alone."
         )] = "sum",
-        glob: Annotated[str | None, Query(max_length=MAX_QUERY_CHARS,
-                                          description="Only videos whose path matches, e.g. */news/*.")] = None,
-        min_duration: Annotated[float | None, Query(ge=0, description="Seconds, at least.")] = None,
-        max_duration: Annotated[float | None, Query(ge=0, description="Seconds, at most.")] = None,
-        since: Annotated[datetime | None, Query(
-            description="Only videos added since this ISO 8601 date/time (UTC when it has no zone)."
+        glob: Annotated[str | None, Query(
+            description="Only videos whose full path matches, e.g. */news/*: * and ? wildcards, case-sensitive."
+        )] = None,
+        min_duration: Annotated[float | None, Query(description="Seconds, at least.")] = None,
+        max_duration: Annotated[float | None, Query(description="Seconds, at most.")] = None,
+        since: Annotated[str | None, Query(
+            description="Only videos added since this ISO 8601 date or date/time (UTC when it has no "
+            "offset), or this many seconds since 1970."
         )] = None,
     ) -> dict:
-        if not q.strip():
-            raise HTTPException(status_code=400, detail="q is empty: say what to look for")
-        if rerank == "single" and rerank_k > MAX_SINGLE_RERANK_K:
-            raise HTTPException(
-                status_code=400,
-                detail=f"rerank_k must be at most {MAX_SINGLE_RERANK_K} with rerank=single "
-                f"(it decodes every candidate again), got {rerank_k}",
-            )
-        if min_duration is not None and max_duration is not None and min_duration > max_duration:
-            raise HTTPException(status_code=400, detail=f"min_duration ({min_duration}) is greater than "
-                                f"max_duration ({max_duration})")
-        if since is not None and since.tzinfo is None:
-            since = since.replace(tzinfo=timezone.utc)
-        filters = SearchFilters(glob or None, min_duration, max_duration, since)
-        result = guarded(lambda: searcher.search(q, k=k, rerank_k=rerank_k, rerank=rerank, fusion=fusion,
-                                                 filters=filters))
-        return _json_safe(result.to_dict())
+        try:  # the same rules as `pvl-search search` (indexer/request.py)
+            request = search_request(q, k=k, rerank_k=rerank_k, rerank=rerank, fusion=fusion, glob=glob,
+                                     min_duration=min_duration, max_duration=max_duration, since=since)
+        except SearchError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        if request.rerank != "single":
+            result = guarded(lambda: batcher.submit(request))
+        elif single.acquire(blocking=False):
+            try:
+                started = time.monotonic()
+                result = guarded(lambda: batcher.submit(request))
+                single_seconds[0] = time.monotonic() - started
+            finally:
+                single.release()
+        else:
+            raise HTTPException(status_code=429, headers={"Retry-After": str(max(1, math.ceil(single_seconds[0])))},
+                                detail=f"busy: {single_slots} single-stream rerank request(s) running; "
+                                "retry later or use rerank=mixed")
+        body = _json_safe(result.to_dict())
+        for hit in body["hits"]:
+            segment_id = hit["best"]["segment_id"]
+            hit["thumbnail_url"] = f"/segments/{segment_id}/thumbnail" if has_thumbnail(searcher.store, segment_id) else None
+            hit["video_url"] = f"/videos/{hit['video_id']}/file"
+            hit["media_type"] = media_type(hit["path"])  # the page asks the browser if it plays it
+            hit["path"] = relative_shown(hit["path"], path_root)
+        return body
 
     @app.get("/videos/{video_id}")
     def video(video_id: Annotated[int, PathParam(ge=0, le=2**63 - 1, description="A video id from /search.")]) -> dict:
         def lookup() -> dict:
             try:
-                return searcher.video(video_id)
-            except IndexStoreError as exc:  # the one it raises: no such video
+                video = searcher.video(video_id)
+            except NotFoundError as exc:
                 raise HTTPException(status_code=404, detail=str(exc)) from None
+            return {**video, "path": relative_shown(video["path"], path_root)}
 
-        return _json_safe(guarded(lookup, locked=False))  # SQL only: no need to wait for a search
+        return _json_safe(guarded(lookup))  # SQL only: no need to wait for a search
 
     @app.get("/health")
     def health() -> dict:
-        def counts() -> tuple[int, int]:
-            with searcher.store.db.sessions() as s:
-                videos = s.scalar(select(func.count()).select_from(Video)
-                                  .where(Video.status == VideoStatus.INDEXED.value))
-                segments = s.scalar(select(func.count()).select_from(Segment).where(Segment.removed.is_(False)))
-            return int(videos or 0), int(segments or 0)
-
-        videos, segments = guarded(counts, locked=False)
+        videos, segments = guarded(searcher.counts)  # the index as it is on disk now
         return {"status": "ok", "videos": videos, "segments": segments, "model": searcher.runner.fingerprint[:12]}
 
+    def found(lookup: Callable[[], MediaFile]) -> MediaFile:
+        """A media lookup (SQL only, no lock); nothing to serve -> 404."""
+        def run() -> MediaFile:
+            try:
+                return lookup()
+            except MediaNotFound as exc:
+                raise HTTPException(status_code=404, detail=str(exc)) from None
+
+        return guarded(run)
+
+    @app.api_route("/videos/{video_id}/file", methods=["GET", "HEAD"])
+    def video_media(
+        video_id: Annotated[int, PathParam(ge=0, le=2**63 - 1, description="A video id from /search.")],
+        download: Annotated[bool, Query(description="As an attachment, to save.")] = False,
+    ) -> FileResponse:
+        media = found(lambda: video_file(searcher.store, video_id))
+        # FileResponse answers Range requests (206, 416) itself: what <video> seeks with.
+        return FileResponse(media.path, media_type=media.media_type, headers=MEDIA_HEADERS,
+                            filename=media.path.name if download else None)
+
+    @app.api_route("/segments/{segment_id}/thumbnail", methods=["GET", "HEAD"])
+    def thumbnail(
+        segment_id: Annotated[int, PathParam(ge=0, le=2**63 - 1, description="A segment id from /search.")],
+    ) -> FileResponse:
+        media = found(lambda: thumbnail_file(searcher.store, segment_id))
+        return FileResponse(media.path, media_type=media.media_type, headers=MEDIA_HEADERS)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(PAGE, media_type="text/html; charset=utf-8",
+                            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if token is not None:
+        app.add_middleware(TokenGate, token=token)
     return app
 
 
@@ -170,20 +289,39 @@ def serve(
     cross_layers: int | None = None,
     log_level: str = "warning",
     on_ready: Callable[[str], None] | None = None,
+    token: str | None = None,
+    docs: bool | None = None,
+    path_root: str | Path | None = None,
+    dtype: DtypeChoice = "auto",
+    batch_window_s: float = BATCH_WINDOW_S,
+    max_batch: int = MAX_BATCH,
+    query_cache: int = QUERY_CACHE,
 ) -> None:
     """Bind the address, load the model and open the index once, then answer HTTP until
     interrupted (SIGINT / SIGTERM). `on_ready(url)` is called once requests are accepted.
+    Any address but loopback needs a `token`, which every request must then carry.
+    `docs` (/docs, /redoc): None serves them on loopback only. `path_root`, `batch_window_s`,
+    `max_batch`: see create_app. `dtype`: what the model runs in (indexer/precision.py);
+    `query_cache`: query encodings kept for repeated texts.
 
     Everything that can fail at start-up fails here, before serving, as an exception for the
-    caller to report in one line: OSError (the address is taken or not ours), then
-    CheckpointError, IndexStoreError / ModelMismatchError (no index, another model)."""
+    caller to report in one line: ValueError (no token, or a short one, where one is needed),
+    OSError (the address is taken or not ours), then CheckpointError, IndexStoreError /
+    ModelMismatchError (no index, another model)."""
     import uvicorn
 
+    check_token(host, token)
+    docs = is_loopback(host) if docs is None else docs
+    if path_root is not None and not Path(path_root).is_dir():
+        raise ValueError(f"path root {path_root}: no such folder")
     sock = _listen(host, port)
     try:
-        with Searcher(index_dir, db_url=db_url, model_dir=model_dir, device=device,
-                      cross_layers=cross_layers) as searcher:
-            server = uvicorn.Server(uvicorn.Config(create_app(searcher), log_level=log_level))
+        with Searcher(index_dir, db_url=db_url, model_dir=model_dir, device=device, cross_layers=cross_layers,
+                      dtype=dtype, query_cache=query_cache) as searcher:
+            searcher.runner.encode_queries(["warm up"])  # first-call costs are paid before the first user
+            app = create_app(searcher, token=token, docs=docs, path_root=path_root,
+                             batch_window_s=batch_window_s, max_batch=max_batch)
+            server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
             if on_ready is not None:
                 bound_host, bound_port = sock.getsockname()[:2]
                 on_ready(f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}")
@@ -195,6 +333,8 @@ def serve(
 def _listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (port 0: any free port); bound before the model
     loads, so a taken port is reported at once and not by uvicorn exiting the process."""
+    if not 0 <= port <= 65535:  # else bind() raises OverflowError, not OSError
+        raise OSError(f"cannot listen on {host}:{port}: a port is a number from 0 to 65535")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -4,27 +4,39 @@ The default database is a SQLite file inside the index folder (WAL journal, fore
 any SQLAlchemy URL works instead, e.g. ``postgresql+psycopg://user@host/db`` for a shared
 metadata server. ``open_database`` migrates the schema to the newest revision this version
 knows, with Alembic run from code, and refuses a database written by a newer version.
+
+Every failure of the database itself (unreachable, timed out, disk full, unreadable file)
+reaches callers as one `DatabaseAccessError` line naming the database, never a driver trace.
+PostgreSQL gets a connect timeout and a statement timeout (defaults below; override them in
+the URL: ``?connect_timeout=5&statement_timeout=30``, seconds). A frozen server (SIGSTOP, a
+hung host) cannot enforce its own statement timeout, so the client also stops waiting for a
+reply a little after it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
-from indexer.errors import IndexStoreError, SchemaTooNewError
+from indexer.errors import DatabaseAccessError, IndexStoreError, SchemaTooNewError
 
 DEFAULT_DB_NAME = "index.sqlite"
 MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+PG_CONNECT_TIMEOUT_S = 10  # PostgreSQL: give up connecting after this long
+PG_STATEMENT_TIMEOUT_S = 60  # PostgreSQL: the server cancels a statement running this long
+_REPLY_GRACE_S = 5  # ... and the client stops waiting this much later (a frozen server)
 
 
 def default_url(index_dir: str | Path) -> str:
@@ -57,8 +69,88 @@ def create_engine_for(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
-        return engine
-    return create_engine(url, pool_pre_ping=True)
+        return one_line_errors(engine)
+    return server_engine(url, pool_pre_ping=True)
+
+
+def describe(url: str | URL) -> str:
+    """The database as a user would name it: the URL without its password."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def one_line_errors(engine: Engine) -> Engine:
+    """Make every driver error of `engine` a DatabaseAccessError: one line naming the
+    database and what went wrong (SQLAlchemy's own text adds the SQL and a web link)."""
+    where = describe(engine.url)
+
+    def translate(context: ExceptionContext) -> None:
+        original = context.original_exception
+        lines = str(original).strip().splitlines() or [type(original).__name__]
+        raise DatabaseAccessError(f"database {where}: {lines[0].strip()}")
+
+    event.listen(engine, "handle_error", translate)
+    return engine
+
+
+# psycopg >= 3.2 gives Connection.wait a deadline (`timeout`, raising this); with an older
+# psycopg there is none to set, and only the server-side statement timeout holds.
+_WAIT_TIMEOUT = getattr(psycopg.errors, "_WaitTimeout", None)
+
+
+class _DeadlineConnection(psycopg.Connection):
+    """A psycopg connection that stops waiting for a reply after `reply_timeout` seconds.
+
+    psycopg sends every statement, commit and rollback through `wait`; without a limit a
+    server that stopped answering (SIGSTOP, a frozen host) keeps the caller waiting forever.
+    The connection is then in an unknown state, so it is closed (and not reused)."""
+
+    reply_timeout: float | None = None
+
+    def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        if _WAIT_TIMEOUT is None or self.reply_timeout is None or kwargs.get("timeout") is not None:
+            return super().wait(gen, *args, **kwargs)
+        try:
+            return super().wait(gen, *args, **{**kwargs, "timeout": self.reply_timeout})
+        except _WAIT_TIMEOUT:
+            self.pgconn.finish()
+            raise psycopg.OperationalError(
+                f"no reply from the server in {self.reply_timeout:g} s (is it frozen or overloaded?)"
+            ) from None
+
+
+def _seconds(parsed: URL, name: str, default: float) -> float:
+    raw = parsed.query.get(name, default)
+    try:
+        value = float(raw if isinstance(raw, (int, float, str)) else raw[-1])
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"database URL: {name} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def server_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine for a database server (not SQLite). PostgreSQL gets the connect and
+    statement timeouts (module doc); its driver errors, like every backend's, are one line."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql" or parsed.get_driver_name() != "psycopg":
+        return one_line_errors(create_engine(url, **kwargs))
+    connect_s = _seconds(parsed, "connect_timeout", PG_CONNECT_TIMEOUT_S)
+    statement_s = _seconds(parsed, "statement_timeout", PG_STATEMENT_TIMEOUT_S)
+    given = parsed.query.get("options", "")
+    options = " ".join([*([given] if isinstance(given, str) else given),
+                        f"-c statement_timeout={math.ceil(statement_s * 1000)}"]).strip()
+    parsed = parsed.difference_update_query(["connect_timeout", "statement_timeout", "options"])
+    engine = create_engine(parsed, connect_args={"connect_timeout": max(1, math.ceil(connect_s)),
+                                                 "options": options}, **kwargs)
+
+    def connect(_dialect: Any, _record: Any, cargs: tuple, cparams: dict) -> psycopg.Connection:
+        conn = _DeadlineConnection.connect(*cargs, **cparams)
+        conn.reply_timeout = statement_s + _REPLY_GRACE_S
+        return conn
+
+    event.listen(engine, "do_connect", connect)
+    return one_line_errors(engine)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -3,6 +3,7 @@ things an index stores per segment, and queries -> what the searcher needs per q
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pvl_search.checkpoint import load_model, weights_fingerprint
+from indexer.precision import DtypeChoice, choose_dtype, dtype_name
+from pvl_search.checkpoint import load_model, load_search_defaults, weights_fingerprint
 from pvl_search.model import PerceiverVL
 from pvl_search.tokenizer import Tokenizer
 from pvl_search.video import to_model_input
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "pvl_search" / "weights" / "tiny-synth"
+log = logging.getLogger("pvl_search.encoding")
 
 
 @dataclass
@@ -30,12 +33,27 @@ class EncodedQueries:
     embeddings: np.ndarray  # (Q, d)
     rerank_states: np.ndarray  # (Q, D + H)
     truncated: list[bool]  # the query was longer than the model's text length
+    latents: np.ndarray | None = None  # (Q, N, D) float32, for the latent reranker
 
 
 def pick_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`device` checked before any model goes there (None: cuda when available, else cpu);
+    a name torch does not know, or a GPU that is not there, is a ValueError in one line."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device {device!r} is not known: use cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r}: no CUDA GPU is available here (use cpu)")
+        if chosen.index is not None and chosen.index >= count:
+            raise ValueError(f"device {device!r}: there is no GPU {chosen.index} ({count} available)")
+    elif chosen.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    return chosen
 
 
 class ModelRunner:
@@ -48,22 +66,39 @@ class ModelRunner:
         *,
         device: str | None = None,
         cross_layers: int | None = None,
+        dtype: DtypeChoice = "auto",
+        search_defaults: dict | None = None,
     ) -> None:
         self.device = pick_device(device)
-        # bf16 weights on CUDA; float32 on CPU keeps stored vectors exact and reproducible.
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = model.to(self.device, dtype).eval()
+        self.search_defaults = search_defaults or {}  # e.g. {"rerank": "latent"}: what validation chose
+        # Cast weights, not autocast (PERF_NOTES): bf16 on CUDA and on CPUs with native bf16.
+        # What leaves the runner is float32 either way, so indexes stay comparable.
+        self.dtype = choose_dtype(dtype, self.device)
+        self.model = model.to(self.device, self.dtype).eval()
         self.config = model.config
         self.fingerprint = fingerprint
         self.cross_layers = cross_layers
         self.tokenizer = Tokenizer(self.config.text_length)
+        # (batch size, torch threads) -> whether a batched text-encoder call is exact there
+        self.batch_exact: dict[tuple[int, int], bool] = {}
 
     @classmethod
     def from_folder(
-        cls, folder: str | Path | None = None, *, device: str | None = None, cross_layers: int | None = None
+        cls,
+        folder: str | Path | None = None,
+        *,
+        device: str | None = None,
+        cross_layers: int | None = None,
+        dtype: DtypeChoice = "auto",
     ) -> "ModelRunner":
         folder = Path(folder) if folder else DEFAULT_MODEL_DIR
-        return cls(load_model(folder), weights_fingerprint(folder), device=device, cross_layers=cross_layers)
+        return cls(load_model(folder), weights_fingerprint(folder), device=device, cross_layers=cross_layers,
+                   dtype=dtype, search_defaults=load_search_defaults(folder))
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype the model runs in, as an index and an answer name it."""
+        return dtype_name(self.dtype)
 
     @torch.inference_mode()
     def encode_clips(self, frames: np.ndarray, masks: np.ndarray, *, keep_latents: bool = False) -> EncodedClips:
@@ -77,11 +112,46 @@ class ModelRunner:
 
     @torch.inference_mode()
     def encode_queries(self, texts: Sequence[str]) -> EncodedQueries:
-        ids = self.tokenizer(list(texts)).to(self.device)
-        out = self.model.encode_text(ids, cross_layers=self.cross_layers)
-        states = self.model.rerank_state(out.latents)
-        truncated = [self.tokenizer.is_truncated(t) for t in texts]
-        return EncodedQueries(out.embedding.cpu().numpy(), states.cpu().numpy(), truncated)
+        """One text-encoder call for all `texts` (where that is exact, see `_text_latents`);
+        each row comes out bit for bit as that text encoded alone, so a query's answer does
+        not depend on what it was batched with."""
+        ids, truncated = self.tokenizer.encode(list(texts))
+        latents = self._text_latents(ids.to(self.device))
+        # The small (B, D) products after the encoder depend on B (a 1-row product takes
+        # another kernel than a B-row one): run them a row at a time, as a batch of one
+        # would. They are a tiny part of the cost.
+        embeddings, states = [], []
+        for row in latents.split(1):
+            embeddings.append(PerceiverVL._embed(row, self.model.text_proj))
+            states.append(self.model.rerank_state(row))
+        keep = latents.float().cpu().numpy() if self.model.latent_reranker is not None else None
+        return EncodedQueries(torch.cat(embeddings).cpu().numpy(), torch.cat(states).cpu().numpy(), truncated, keep)
+
+    def _text_latents(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) text latents, row i bit for bit what text i gives alone.
+
+        Whether a B-row encoder call rounds every row as a 1-row call does is up to the
+        matmul kernels the BLAS picks for each shape (on this project's CPUs it holds for
+        the shipped and the base model, and not for toy sizes of 8 latents). So the first
+        call with B rows (and this thread count) also encodes the rows one by one and
+        compares; B-row calls are then used where they matched, and rows are encoded one by
+        one where they did not. Shapes, not texts, decide, so one check per B suffices."""
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            return self.model.encode_text(x, cross_layers=self.cross_layers).latents
+
+        b = ids.shape[0]
+        key = (b, torch.get_num_threads())
+        exact = self.batch_exact.get(key)
+        if b == 1 or exact:
+            return encode(ids)
+        alone = torch.cat([encode(ids[i : i + 1]) for i in range(b)])
+        if exact is None:
+            self.batch_exact[key] = exact = torch.equal(encode(ids), alone)
+            if not exact:
+                log.info("a batch of %d queries does not encode bit for bit as %d single ones here "
+                         "(%s, %d threads): such batches are encoded one query at a time", b, b,
+                         self.dtype_name, key[1])
+        return alone
 
     @torch.inference_mode()
     def mixed_scores(self, query_states: np.ndarray, candidate_states: np.ndarray) -> np.ndarray:
@@ -89,6 +159,15 @@ class ModelRunner:
         q = torch.as_tensor(query_states, device=self.device)
         c = torch.as_tensor(candidate_states, device=self.device)
         return self.model.mixed_scores(q, c).cpu().numpy()
+
+    @torch.inference_mode()
+    def latent_scores(self, query_latents: np.ndarray, candidate_latents: np.ndarray) -> np.ndarray:
+        """One query's text latents (N, D) x K candidates' stored video latents (K, N, D) or
+        (K, N * D) -> (K,) latent-reranker logits, one batched call."""
+        config = self.config
+        q = torch.as_tensor(query_latents, device=self.device).to(self.model.dtype)[None]
+        c = torch.as_tensor(candidate_latents, device=self.device).reshape(-1, config.latents, config.hidden)
+        return self.model.latent_scores(q, c.to(self.model.dtype))[0].float().cpu().numpy()
 
     @torch.inference_mode()
     def single_scores(self, frames: np.ndarray, masks: np.ndarray, text: str) -> np.ndarray:

@@ -25,3 +25,17 @@ class RowStoreError(IndexStoreError):
 
 class IndexLockedError(IndexStoreError):
     """Another process has the index open for writing."""
+
+
+class DatabaseAccessError(IndexStoreError):
+    """The metadata database could not be reached, timed out, or failed a statement (disk
+    full, file unreadable, server gone); the message is one line naming the database."""
+
+
+class IndexReplacedError(IndexStoreError):
+    """The index folder or its database was replaced (deleted and restored, rebuilt) while
+    open: a reader reopens it instead of mixing the old copy with the new one."""
+
+
+class NotFoundError(IndexStoreError):
+    """The index has no such thing (e.g. a video id); the message says what was asked for."""

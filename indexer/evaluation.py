@@ -14,6 +14,9 @@ segment. Methods, all over every indexed video:
   with a reranked segment ranks by its best reranked segment, ahead of every video that was
   only retrieved; those keep their retrieval order. So a ground truth outside the reranked
   set keeps its ``multi`` rank. With one segment per video, top-K segments = top-K videos.
+- ``latent`` at K: the same with the latent reranker's logit (the query's text latents
+  attending over the stored video latents); only for a model that has one and an index that
+  keeps latents.
 - ``single`` at K: the same with the single-stream (joint encoder) logit; candidates are
   decoded again as the searcher does, with decoded clips cached per segment across queries.
 - ``single-exhaustive``: single-stream rerank of every segment for every query (the
@@ -49,7 +52,7 @@ from pvl_search.captions import SPLITS, load_captions
 from pvl_search.metrics import PairedChange, RetrievalMetrics, paired_top1_change, ranks_from_scores, retrieval_metrics
 from pvl_search.video import VideoDecodeError, read_clips
 
-MULTI, MIXED, SINGLE, EXHAUSTIVE = "multi", "mixed", "single", "single-exhaustive"
+MULTI, MIXED, LATENT, SINGLE, EXHAUSTIVE = "multi", "mixed", "latent", "single", "single-exhaustive"
 DEFAULT_RERANK_KS = (8, 16, 32, 64, 128)
 SINGLE_BATCH = 8  # joint-encoder pairs per call, as in Searcher._single_stream
 ROW_HEADER = ("method", "K", "R@1", "R@5", "R@10", "MdR", "MnR", "p50 ms", "p95 ms")
@@ -74,6 +77,10 @@ class MethodResult:
     latency_p95_ms: float
     ranks: list[int]  # per query, in query order (see EvalReport)
     subsets: dict[str, float] = field(default_factory=dict)  # subset label -> R@1 (%)
+    # Over queries whose video has twins in the index (meta "group"): "within_group_top1" (its
+    # video ranks above every twin; chance 1 / group size), "group_r1" (no video of another
+    # group ranks above the best twin), and within_group_top1 per subset label ("...:heldout").
+    groups: dict[str, float] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -157,6 +164,33 @@ def video_max(scores: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.maximum.reduceat(scores, starts, axis=-1)
 
 
+_TIER = 1e6  # a reranked video's key is offset by this: any reranked video ranks ahead
+
+
+def video_keys(
+    video_scores: np.ndarray, segment_video: np.ndarray, candidates: np.ndarray, rerank_scores: np.ndarray
+) -> np.ndarray:
+    """(V,) sort keys of the two-tier ranking: a video with a reranked segment scores as its
+    best reranked segment, offset to rank ahead of every video without one, which keeps its
+    retrieval score. Ranks and twin metrics both read these keys."""
+    keys = np.asarray(video_scores, dtype=np.float64).copy()
+    candidates = np.asarray(candidates, dtype=np.int64)
+    if len(candidates):
+        fused = np.full(len(keys), -np.inf)
+        np.maximum.at(fused, np.asarray(segment_video)[candidates], np.asarray(rerank_scores, dtype=np.float64))
+        reranked = np.isfinite(fused)
+        keys[reranked] = _TIER + fused[reranked]
+    return keys
+
+
+def twin_hits(keys: np.ndarray, target: int, twins: np.ndarray) -> tuple[bool, bool]:
+    """(within-group top-1, group R@1) of one query: `twins` (V,) bool marks its group's
+    videos, the target included. Ties count against the model."""
+    within = int(((keys >= keys[target]) & twins).sum()) == 1
+    group_first = not bool((keys[~twins] > keys[twins].max()).any())
+    return within, group_first
+
+
 def rank_after_rerank(
     sims: np.ndarray,
     segment_video: np.ndarray,
@@ -174,22 +208,14 @@ def rank_after_rerank(
     Ties count against the model in both tiers. video_scores (V,): the per-video retrieval
     scores when already at hand (max of sims per video).
     """
-    sims = np.asarray(sims, dtype=np.float64)
     segment_video = np.asarray(segment_video, dtype=np.int64)
-    candidates = np.asarray(candidates, dtype=np.int64)
     if video_scores is None:
         retrieval = np.full(int(segment_video.max()) + 1, -np.inf)
-        np.maximum.at(retrieval, segment_video, sims)
+        np.maximum.at(retrieval, segment_video, np.asarray(sims, dtype=np.float64))
     else:
         retrieval = np.asarray(video_scores, dtype=np.float64)
-    n_videos = len(retrieval)
-    reranked = np.zeros(n_videos, dtype=bool)
-    reranked[segment_video[candidates]] = True
-    fused = np.full(n_videos, -np.inf)
-    np.maximum.at(fused, segment_video[candidates], np.asarray(rerank_scores, dtype=np.float64))
-    if reranked[target]:
-        return int((reranked & (fused >= fused[target])).sum())
-    return int(reranked.sum() + ((~reranked) & (retrieval >= retrieval[target])).sum())
+    keys = video_keys(retrieval, segment_video, candidates, rerank_scores)
+    return int((keys >= keys[target]).sum())
 
 
 def fuse(sims: np.ndarray, logits: np.ndarray, fusion: str) -> np.ndarray:
@@ -354,10 +380,16 @@ def evaluate_index(
     _warm_up(runner, store, corpus, single_stream=depth > 0)
     ranks: dict[tuple[str, int | None], list[int]] = {}
     latency: dict[tuple[str, int | None], list[float]] = {}
+    twins: dict[tuple[str, int | None], list[tuple[bool, bool]]] = {}
+    group_of = _video_groups(records, corpus)
+    latent = runner.model.latent_reranker is not None and store.layout.latent_shape is not None
 
-    def record(key: tuple[str, int | None], rank: int, ms: float) -> None:
+    def record(key: tuple[str, int | None], rank: int, ms: float, keys: np.ndarray | None = None,
+               target: int = -1) -> None:
         ranks.setdefault(key, []).append(rank)
         latency.setdefault(key, []).append(ms)
+        if keys is not None and group_of[target] >= 0:
+            twins.setdefault(key, []).append(twin_hits(keys, target, group_of == group_of[target]))
 
     for done, query in enumerate(queries, start=1):
         t0 = time.perf_counter()
@@ -368,17 +400,23 @@ def evaluate_index(
         order = candidate_order(sims, corpus.segment_ids)
         t2 = time.perf_counter()
         base_ms = (t2 - t0) * 1000
-        record((MULTI, None), int(ranks_from_scores(video_scores[None], [query.target])[0]), base_ms)
+        record((MULTI, None), int(ranks_from_scores(video_scores[None], [query.target])[0]), base_ms,
+               video_scores, query.target)
 
         for k in ks:
-            started = time.perf_counter()
             cand = order[:k]
-            states = store.rerank_states(corpus.segment_ids[cand])
-            logits = runner.mixed_scores(encoded.rerank_states[:1], states[None])[0]
-            ms = (time.perf_counter() - started) * 1000
-            rank = rank_after_rerank(sims, corpus.segment_video, query.target, cand, fuse(sims[cand], logits, fusion),
-                                     video_scores)
-            record((MIXED, k), rank, base_ms + ms)
+            for method in (MIXED, LATENT) if latent else (MIXED,):
+                started = time.perf_counter()
+                if method == MIXED:
+                    states = store.rerank_states(corpus.segment_ids[cand])
+                    logits = runner.mixed_scores(encoded.rerank_states[:1], states[None])[0]
+                else:
+                    logits = runner.latent_scores(encoded.latents[0], store.latents(corpus.segment_ids[cand]))
+                ms = (time.perf_counter() - started) * 1000
+                fused = fuse(sims[cand], logits, fusion)
+                rank = rank_after_rerank(sims, corpus.segment_video, query.target, cand, fused, video_scores)
+                record((method, k), rank, base_ms + ms,
+                       video_keys(video_scores, corpus.segment_video, cand, fused), query.target)
 
         if depth:
             logits, cost_ms = _single_pass(runner, cache, corpus, query.text, order[:depth], bounds)
@@ -386,9 +424,10 @@ def evaluate_index(
             for key in targets:
                 n = depth if key[0] == EXHAUSTIVE else min(key[1], depth)
                 cand = order[:n]
-                rank = rank_after_rerank(sims, corpus.segment_video, query.target, cand,
-                                         fuse(sims[cand], logits[:n], fusion), video_scores)
-                record(key, rank, base_ms + cost_ms[n])
+                fused = fuse(sims[cand], logits[:n], fusion)
+                rank = rank_after_rerank(sims, corpus.segment_video, query.target, cand, fused, video_scores)
+                record(key, rank, base_ms + cost_ms[n],
+                       video_keys(video_scores, corpus.segment_video, cand, fused), query.target)
         if progress:
             progress(EvalProgress(done, len(queries)))
 
@@ -405,7 +444,7 @@ def evaluate_index(
         }
         p50, p95 = np.percentile(np.asarray(latency[key]), [50, 95]).tolist()
         methods.append(MethodResult(key[0], key[1], retrieval_metrics(r), float(p50), float(p95),
-                                    r.tolist(), subsets))
+                                    r.tolist(), subsets, _twin_summary(twins.get(key, []), queries, group_of)))
     return EvalReport(
         captions=str(Path(captions_path).absolute()), split=split, fusion=fusion, n_queries=len(queries),
         n_videos=n_videos, n_segments=n_segments, n_split_videos=n_split, n_missing=n_missing,
@@ -414,11 +453,45 @@ def evaluate_index(
     )
 
 
+def _video_groups(records: Iterable, corpus: _Corpus) -> np.ndarray:
+    """(V,) int: a group number per indexed video from caption meta "group" (-1: none), and
+    -1 too for a group with a single indexed member (no twin to tell apart)."""
+    labels: dict[str, int] = {}
+    group_of = np.full(len(corpus.starts), -1, dtype=np.int64)
+    for record in records:
+        label = record.meta.get("group") if isinstance(record.meta, dict) else None
+        path = str(record.path)
+        video = corpus.video_of_path.get(path, corpus.video_of_path.get(os.path.realpath(path)))
+        if label is not None and video is not None:
+            group_of[video] = labels.setdefault(str(label), len(labels))
+    if not labels:
+        return group_of
+    counts = np.bincount(group_of[group_of >= 0], minlength=len(labels))
+    group_of[(group_of >= 0) & (counts[np.maximum(group_of, 0)] < 2)] = -1
+    return group_of
+
+
+def _twin_summary(hits: list[tuple[bool, bool]], queries: list[_Query], group_of: np.ndarray) -> dict[str, float]:
+    """Percentages over the queries with twins, overall and per subset label."""
+    if not hits:
+        return {}
+    grouped = [q for q in queries if group_of[q.target] >= 0]  # the order `record` saw them in
+    within = np.asarray([h[0] for h in hits])
+    out = {"within_group_top1": float(within.mean() * 100), "group_r1": float(np.mean([h[1] for h in hits]) * 100),
+           "queries": float(len(hits))}
+    for label in sorted({label for q in grouped for label in q.labels}):
+        picked = np.asarray([label in q.labels for q in grouped])
+        out[f"within_group_top1:{label}"] = float(within[picked].mean() * 100)
+    return out
+
+
 def _warm_up(runner: ModelRunner, store: IndexStore, corpus: _Corpus, *, single_stream: bool) -> None:
     """One untimed call of each model path, so the first query's latency is not the cost of
     lazy initialisation (kernels, allocator, thread pools)."""
     encoded = runner.encode_queries(["warm up"])
     runner.mixed_scores(encoded.rerank_states[:1], store.rerank_states(corpus.segment_ids[:1])[None])
+    if encoded.latents is not None and store.layout.latent_shape is not None:
+        runner.latent_scores(encoded.latents[0], store.latents(corpus.segment_ids[:1]))
     if single_stream:
         config = runner.config
         frames = np.zeros((1, config.frames, config.frame_size, config.frame_size, 3), dtype=np.uint8)

@@ -1,8 +1,9 @@
 """One index on disk: SQL metadata + row stores + FAISS, kept consistent through crashes.
 
 An index folder holds ``embeddings.f16`` (d per segment), ``rerank_states.f16`` (D + H),
-optionally ``latents.f16`` (N * D), ``vectors.faiss``, ``index.lock`` and, by default, the
-SQLite database ``index.sqlite`` (or any SQLAlchemy URL, e.g. PostgreSQL).
+optionally ``latents.f16`` (N * D), ``vectors.faiss``, ``index.lock``, ``thumbnails/`` (a
+JPEG per segment, indexer/thumbnail_store.py) and, by default, the SQLite database
+``index.sqlite`` (or any SQLAlchemy URL, e.g. PostgreSQL).
 
 Crash-safety protocol (the process may be SIGKILLed at any instant):
 
@@ -74,17 +75,22 @@ from indexer.database import (
     alembic_config,
     current_revisions,
     default_url,
+    one_line_errors,
     open_database,
+    server_engine,
     session_factory,
 )
 from indexer.errors import (
     IndexLockedError,
+    IndexReplacedError,
     IndexStoreError,
     ModelMismatchError,
     RowStoreError,
     SchemaTooNewError,
 )
+from indexer.paths import from_stored, to_stored
 from indexer.row_store import RowStore, fsync_dir, read_tag
+from indexer.thumbnail_store import ThumbnailStore
 from indexer.schema import IndexInfo, Segment, Video, VideoStatus
 from indexer.vector_index import DEFAULT_APPROX_THRESHOLD, VectorIndex
 
@@ -93,6 +99,7 @@ RERANK_FILE = "rerank_states.f16"
 LATENTS_FILE = "latents.f16"
 FAISS_FILE = "vectors.faiss"
 LOCK_FILE = "index.lock"
+THUMBNAILS_DIR = "thumbnails"  # one JPEG per segment (indexer/thumbnail_store.py)
 FINGERPRINT_CHUNK = 1 << 20
 PAUSE_ENV = "PVL_TEST_PAUSE_AT"
 
@@ -147,10 +154,11 @@ class KnownVideo(NamedTuple):
 class SegmentInfo:
     id: int
     video_id: int
-    path: str
+    path: str  # as Python opens it (indexer/paths.py: shown(path) for people)
     start_s: float
     end_s: float
     removed: bool
+    duration: float | None = None  # of the video, seconds (read in the same query)
 
 
 @dataclass
@@ -163,6 +171,7 @@ class IndexStats:
     faiss: str  # what FAISS index is in use, e.g. "Flat" or "IVF894,Flat"
     bytes: dict[str, int] = field(default_factory=dict)  # on disk, per file
     recent_failures: list[tuple[str, str | None]] = field(default_factory=list)
+    thumbnails: int = 0  # segments with a thumbnail (their bytes are bytes['thumbnails'])
 
 
 def _size_mtime(stat: os.stat_result | tuple[int, float]) -> tuple[int, float]:
@@ -202,15 +211,15 @@ def _read_only_engine(url: str) -> Engine:
         engine = create_engine(ro, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_read_only_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
-        return engine
+        return one_line_errors(engine)
     if parsed.get_backend_name() == "postgresql":
-        return create_engine(
+        return server_engine(
             url,
             pool_pre_ping=True,
             isolation_level="REPEATABLE READ",
             execution_options={"postgresql_readonly": True},
         )
-    return create_engine(url, pool_pre_ping=True)
+    return server_engine(url, pool_pre_ping=True)
 
 
 def _config_diff(stored: str, given: str) -> str:
@@ -252,6 +261,7 @@ class IndexStore:
         self.approx_threshold = approx_threshold
         self._search_params = {"nprobe": nprobe, "ef_search": ef_search}
         self._lock_fd = None if read_only else self._lock()
+        self.thumbnails = ThumbnailStore(self.directory / THUMBNAILS_DIR, read_only=read_only)
         self._view_lock = threading.RLock()  # refresh vs search in a threaded reader
         self._data_layout: IndexLayout | None = None  # layout the open stores were made for
         self.db: Database | None = None
@@ -439,6 +449,8 @@ class IndexStore:
     def _open_read_only(self) -> None:
         if not self.directory.is_dir():
             raise self._no_index()
+        # Taken before anything is read: a replacement during the open is seen next time.
+        self._identity = self._file_identity()
         url = make_url(self.db_url)
         if url.get_backend_name() == "sqlite":
             # mode=ro never creates the file, but say clearly that there is no index here.
@@ -507,7 +519,7 @@ class IndexStore:
         with self._view_lock, self.db.sessions() as s:  # one session: one snapshot
             info = s.get(IndexInfo, 1)
             if info is None or info.index_uuid != self._uuid:
-                raise IndexStoreError(
+                raise IndexReplacedError(
                     f"the database of index {self.directory} was replaced while open"
                 )
             self._info = info
@@ -546,6 +558,28 @@ class IndexStore:
             self._rows = rows
             return True
 
+    def _file_identity(self) -> tuple[tuple[int, int] | None, ...]:
+        """(device, inode) of the folder, its store files and a SQLite database (None where
+        missing): what changes when the index is deleted and restored, or rebuilt."""
+        url = make_url(self.db_url)
+        paths = [self.directory, *(self.directory / name for name in (EMBEDDINGS_FILE, RERANK_FILE, LATENTS_FILE))]
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            paths.append(Path(url.database))
+        identity = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+                identity.append((st.st_dev, st.st_ino))
+            except OSError:
+                identity.append(None)
+        return tuple(identity)
+
+    def replaced(self) -> bool:
+        """Reader: whether the index on disk is no longer the one this store opened (the
+        folder or its files were deleted, restored or rebuilt): then reopen it, since its
+        open files and pooled connections may still show the old copy. Cheap (a few stats)."""
+        return self.read_only and self._identity != self._file_identity()
+
     def refresh(self) -> bool:
         """Reader: see what writers have committed since the open or the last refresh (new
         videos searchable, removed ones gone); the in-memory FAISS is caught up, never
@@ -571,6 +605,19 @@ class IndexStore:
     def model(self) -> tuple[str | None, str | None]:
         """(model config JSON, weights fingerprint) recorded for this index."""
         return self._info.model_config, self._info.weights_fingerprint
+
+    def encode_dtype(self) -> str | None:
+        """The dtype(s) the model ran in to encode this index's segments, e.g. "bfloat16" or
+        "bfloat16,float32"; None for an index built before pvl-search recorded it."""
+        return self._info.encode_dtype
+
+    def record_dtype(self, dtype: str) -> None:
+        """Writer: segments are about to be encoded in `dtype`; noted once per dtype. The
+        stored vectors are float whatever the dtype, so this never refuses anything."""
+        self._ready_for_writes()
+        known = [name for name in (self._info.encode_dtype or "").split(",") if name]
+        if dtype not in known:
+            self._write_info(encode_dtype=",".join([*known, dtype]))
 
     def set_model(self, model_config: str, weights_fingerprint: str, layout: IndexLayout) -> None:
         """Record the model (and layout) an index is built with.
@@ -611,6 +658,7 @@ class IndexStore:
             latent_tokens=latent[0] if latent else None,
             latent_dim=latent[1] if latent else None,
             faiss_factory=layout.faiss_factory,
+            encode_dtype=None,  # nothing encoded with this model yet
         )
         self._open_data()
 
@@ -670,13 +718,15 @@ class IndexStore:
         embeddings: np.ndarray,
         rerank_states: np.ndarray,
         latents: np.ndarray | None = None,
+        thumbnails: Sequence[bytes | None] | None = None,
     ) -> int:
         """Store one indexed video and its segments as one atomic unit; returns its id.
 
         A path already in the index (changed file, earlier failure) is updated in place
         and its previous segments are removed. `segments` are (start_s, end_s) pairs, one
         per row of `embeddings` (n, d), `rerank_states` (n, D + H) and, when the layout
-        keeps latents, `latents` (n, N, D) or (n, N * D).
+        keeps latents, `latents` (n, N, D) or (n, N * D). `thumbnails`: one JPEG (or None)
+        per segment, written with the store rows; the old segments' thumbnails are deleted.
         """
         self._ready_for_writes()
         layout = self._require_layout()
@@ -691,6 +741,8 @@ class IndexStore:
             rows.append(np.asarray(latents, np.float32).reshape(n, -1))
         elif latents is not None:
             raise ValueError(f"{path}: this index keeps no latents (layout.latent_shape is None)")
+        if thumbnails is not None and len(thumbnails) != n:
+            raise ValueError(f"{path}: {n} segments but {len(thumbnails)} thumbnails")
         stores = self._stores()
         for store, block in zip(stores, rows):
             if block.shape != (n, store.width):
@@ -705,6 +757,8 @@ class IndexStore:
                 store.append(block)
             for store in stores:
                 store.flush()
+            if thumbnails is not None:  # ids >= committed rows: invisible until the commit
+                self.thumbnails.write(range(first, first + n), thumbnails)
             _pause_point("stores_appended")
             with self.db.sessions.begin() as s:
                 self._check_rows(s, first)
@@ -729,6 +783,7 @@ class IndexStore:
             raise
         self._rows = first + n
         _pause_point("sql_committed")
+        self.thumbnails.delete(old_ids)
         self._apply(old_ids, rows[0], np.arange(first, first + n, dtype=np.int64), seq)
         return video_id
 
@@ -752,9 +807,10 @@ class IndexStore:
     def _upsert_video(s: Session, path: str) -> tuple[Video, list[int]]:
         """The video row for `path` (new if needed) and the ids of its live segments, which
         this transaction flags removed."""
-        video = s.scalars(select(Video).where(Video.path == path)).one_or_none()
+        text, raw = to_stored(path)
+        video = s.scalars(select(Video).where(Video.path == text)).one_or_none()
         if video is None:
-            video = Video(path=path)
+            video = Video(path=text, path_bytes=raw)
             s.add(video)
             return video, []
         return video, IndexStore._take_out_segments(s, video.id)
@@ -814,9 +870,10 @@ class IndexStore:
         self._ready_for_writes()
         try:
             with self.db.sessions.begin() as s:
-                video = s.scalars(select(Video).where(Video.path == path)).one_or_none()
+                text, raw = to_stored(path)
+                video = s.scalars(select(Video).where(Video.path == text)).one_or_none()
                 if video is None:
-                    video = Video(path=path, status=VideoStatus.FAILED.value)
+                    video = Video(path=text, path_bytes=raw, status=VideoStatus.FAILED.value)
                     s.add(video)
                     s.flush()
                 old_ids, seq = self._remove_video(s, video, VideoStatus.FAILED)
@@ -832,8 +889,10 @@ class IndexStore:
         return video_id
 
     def _forget_in_faiss(self, old_ids: list[int], seq: int) -> None:
-        """After a committed removal: take the ids out of the in-memory FAISS index."""
+        """After a committed removal: take the ids out of the in-memory FAISS index (and
+        delete their thumbnails)."""
         _pause_point("sql_committed")
+        self.thumbnails.delete(old_ids)
         if self.vectors is not None:
             self._apply(old_ids, None, np.zeros(0, np.int64), seq)
 
@@ -843,7 +902,7 @@ class IndexStore:
         self._ready_for_writes()
         try:
             with self.db.sessions.begin() as s:
-                where = Video.id == video if isinstance(video, int) else Video.path == video
+                where = Video.id == video if isinstance(video, int) else Video.path == to_stored(video)[0]
                 row = s.scalars(select(Video).where(where)).one_or_none()
                 if row is None:
                     raise IndexStoreError(f"index {self.directory} has no video {video!r}")
@@ -855,6 +914,16 @@ class IndexStore:
             raise
         self._forget_in_faiss(old_ids, seq)
         return len(old_ids)
+
+    def rebuild_vectors(self) -> int:
+        """Writer: build the FAISS index again from the stored embeddings alone (it is derived
+        data) and save it; returns its size. Only a writer, which holds the index lock, may."""
+        self._ready_for_writes()
+        if self.layout is None:
+            return 0
+        self._faiss_valid = False  # makes the reconciliation rebuild it from the stores
+        self._reconcile()
+        return self.vectors.ntotal
 
     def save_faiss(self) -> None:
         """Write the FAISS index if it changed (call at batch boundaries and at the end)."""
@@ -876,9 +945,11 @@ class IndexStore:
         """Every video the index knows: path -> (size, mtime, fingerprint, status)."""
         with self.db.sessions() as s:
             rows = s.execute(
-                select(Video.path, Video.size, Video.mtime, Video.fingerprint, Video.status)
+                select(Video.path, Video.path_bytes, Video.size, Video.mtime, Video.fingerprint, Video.status)
             )
-            return {r.path: KnownVideo(r.size, r.mtime, r.fingerprint, r.status) for r in rows}
+            return {
+                from_stored(r.path, r.path_bytes): KnownVideo(r.size, r.mtime, r.fingerprint, r.status) for r in rows
+            }
 
     def search(
         self, xq: np.ndarray, k: int, allowed_ids: Any = None
@@ -898,14 +969,15 @@ class IndexStore:
         out: dict[int, SegmentInfo] = {}
         with self.db.sessions() as s:
             for lo in range(0, len(wanted), 5000):  # stay under the servers' parameter limits
-                columns = (Segment.video_id, Video.path, Segment.start_s, Segment.end_s)
+                columns = (Segment.video_id, Video.path, Video.path_bytes, Segment.start_s, Segment.end_s)
                 rows = s.execute(
-                    select(Segment.id, *columns, Segment.removed)
+                    select(Segment.id, *columns, Segment.removed, Video.duration)
                     .join(Video, Segment.video_id == Video.id)
                     .where(Segment.id.in_(wanted[lo : lo + 5000]))
                 )
                 for r in rows:
-                    out[r.id] = SegmentInfo(r.id, r.video_id, r.path, r.start_s, r.end_s, r.removed)
+                    path = from_stored(r.path, r.path_bytes)
+                    out[r.id] = SegmentInfo(r.id, r.video_id, path, r.start_s, r.end_s, r.removed, r.duration)
         return out
 
     def segment_ids(self, path_prefix: str | None = None) -> np.ndarray:
@@ -913,10 +985,21 @@ class IndexStore:
         query = select(Segment.id).where(Segment.removed.is_(False)).order_by(Segment.id)
         if path_prefix is not None:
             query = query.join(Video, Segment.video_id == Video.id).where(
-                Video.path.startswith(path_prefix, autoescape=True)
+                Video.path.startswith(to_stored(path_prefix)[0], autoescape=True)
             )
         with self.db.sessions() as s:
             return np.asarray(s.scalars(query).all(), dtype=np.int64)
+
+    def sync_thumbnails(self) -> list[SegmentInfo]:
+        """Writer: delete the thumbnails of segments that are not live (a crash between a
+        write or a removal and its commit leaves them), and return the live segments that
+        have none (to make them: an index built before thumbnails, or with them off)."""
+        self._ready_for_writes()
+        live = self.segment_ids()
+        self.thumbnails.prune(live.tolist())
+        missing = np.setdiff1d(live, self.thumbnails.ids(), assume_unique=True)
+        info = self.segments(missing)
+        return [info[i] for i in missing.tolist() if i in info]
 
     def _committed_ids(self, ids: Any) -> np.ndarray:
         idx = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -968,6 +1051,7 @@ class IndexStore:
         if url.get_backend_name() == "sqlite" and url.database:
             files += [Path(url.database + suffix) for suffix in ("", "-wal")]
         sizes.update({f.name: f.stat().st_size for f in files if f.exists()})
+        thumbnails, sizes[THUMBNAILS_DIR] = self.thumbnails.usage()
         return IndexStats(
             videos={status.value: int(videos.get(status.value, 0)) for status in VideoStatus},
             segments=int(seg.get(False, 0)),
@@ -977,6 +1061,7 @@ class IndexStore:
             faiss=self.vectors.description if self.vectors is not None else "none",
             bytes=sizes,
             recent_failures=[(r.path, r.error) for r in failures],
+            thumbnails=thumbnails,
         )
 
     # -- closing ------------------------------------------------------------------------

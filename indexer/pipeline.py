@@ -1,5 +1,6 @@
 """Folder -> index: scan, classify (new / changed / unchanged / removed), decode in worker
-processes, encode in batches, and write each video as one atomic unit.
+processes, encode in batches, and write each video as one atomic unit (with a thumbnail per
+segment, from the decoded frames; segments indexed without one get it on the next run).
 
 Running it again picks up only what changed. Killing it at any moment loses at most the
 videos not yet written; the index stays consistent (see indexer.index_store).
@@ -7,20 +8,26 @@ videos not yet written; the index stays consistent (see indexer.index_store).
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR
 
 import numpy as np
 import torch
 
 from indexer.encoding import EncodedClips, ModelRunner
 from indexer.errors import IndexStoreError
-from indexer.index_store import FAISS_FILE, IndexLayout, IndexStore, VideoInfo, fingerprint_file
+from indexer.index_store import IndexLayout, IndexStore, KnownVideo, SegmentInfo, VideoInfo, fingerprint_file
+from indexer.paths import shown
 from indexer.schema import VideoStatus
+from pvl_search.config import ModelConfig
 from pvl_search.decode_pool import DecodedVideo, DecodePool
+from pvl_search.thumbnails import clip_thumbnail
 from pvl_search.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Backend, VideoDecodeError, Windows
 
 MEDIA_EXTENSIONS = frozenset(VIDEO_EXTENSIONS) | frozenset(IMAGE_EXTENSIONS)
@@ -34,10 +41,13 @@ class IndexOptions:
     workers: int = 2  # decoder processes
     timeout_s: float = 60.0  # a decoder making no progress this long is killed
     backend: Backend = "auto"
-    store_latents: bool = False  # keep the full N x D latents per segment
+    # Keep the full N x D latents per segment; None: when the model has a latent reranker
+    # (which reads them at search time), or as an existing index already does.
+    store_latents: bool | None = None
     faiss_factory: str | None = None  # None: exact, switching to IVF past a size threshold
     retry_failed: bool = False  # try files that failed before even if they did not change
     save_every: int = 200  # videos between FAISS saves (it is derived: only restart cost)
+    thumbnails: bool = True  # a small JPEG per segment, from the frames the encoder decoded
 
 
 @dataclass
@@ -55,34 +65,91 @@ class IndexSummary:
     unchanged: int = 0
     removed: int = 0
     segments: int = 0
-    failed: dict[str, str] = field(default_factory=dict)  # path -> reason
+    failed: dict[str, str] = field(default_factory=dict)  # path (as shown) -> reason
     seconds: float = 0.0
+    thumbnails_added: int = 0  # thumbnails made for segments indexed without them
+    dtype: str = "float32"  # what the model ran in (indexer/precision.py)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def scan(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Media files under `paths` (files or folders, recursively), absolute and sorted;
-    hidden files and folders are skipped. A path that does not exist is an error."""
+@dataclass(frozen=True)
+class BadEntry:
+    """A directory entry that cannot be indexed before any decoder sees it (a broken or
+    looping symlink, a file or folder that cannot be read), recorded as failed."""
+
+    path: Path  # as found (a link that leads nowhere has no real path)
+    reason: str
+    stat: os.stat_result | None  # its own lstat, to tell next time whether it changed
+
+
+def _reason(error: OSError, path: Path) -> str:
+    """Why `path` cannot be indexed, in a few words."""
+    if error.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if isinstance(error, (FileNotFoundError, NotADirectoryError)) and os.path.islink(path):
+        return f"broken symbolic link (to {os.fsdecode(os.readlink(path))!r})"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    return error.strerror or type(error).__name__
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
+def scan(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[BadEntry]]:
+    """(media files under `paths`, entries that cannot be read), both sorted. Files and
+    folders are searched recursively; hidden ones are skipped. Every file is known by its
+    real path (indexer/paths.py), so one reached through two aliases is listed once. A path
+    given that does not exist at all is an error; a bad entry inside a folder is not."""
     found: set[Path] = set()
+    bad: dict[Path, BadEntry] = {}
+
+    def add(path: Path) -> None:
+        try:
+            found.add(Path(os.path.realpath(path, strict=True)))
+        except OSError as error:
+            bad[path] = BadEntry(path, _reason(error, path), _lstat(path))
+
+    def unreadable_folder(error: OSError) -> None:
+        folder = Path(error.filename)
+        bad[folder] = BadEntry(folder, f"cannot list folder: {_reason(error, folder)}", _lstat(folder))
+
     for raw in paths:
         root = Path(raw).expanduser().absolute()
-        if not root.exists():
-            raise FileNotFoundError(f"{raw}: no such file or folder")
-        if root.is_file():
-            found.add(root)  # named explicitly: indexed whatever its extension says
+        if not os.path.lexists(root):
+            raise FileNotFoundError(f"{shown(raw)}: no such file or folder")
+        if not root.is_dir():
+            add(root)  # named explicitly: indexed whatever its extension says
             continue
-        for folder, dirs, files in os.walk(root):
+        for folder, dirs, files in os.walk(os.path.realpath(root), onerror=unreadable_folder):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             for name in files:
                 if not name.startswith(".") and Path(name).suffix.lower() in MEDIA_EXTENSIONS:
-                    found.add(Path(folder) / name)
-    return sorted(found)
+                    add(Path(folder) / name)
+    return sorted(found), [bad[p] for p in sorted(bad) if p not in found]
 
 
 def _under(path: str, roots: Sequence[Path]) -> bool:
     return any(path == str(r) or path.startswith(str(r) + os.sep) for r in roots)
+
+
+def _gone(path: str) -> bool:
+    """Whether a known path no longer names a file of its own: deleted, a folder (recorded
+    while it could not be listed, listed now), or an alias of a real path that is indexed
+    under that name (a symlink fixed since, or an index made before paths were canonical)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False  # cannot tell (e.g. a folder became unreadable): keep it
+    return S_ISDIR(mode) or os.path.realpath(path) != path
 
 
 @dataclass
@@ -97,37 +164,67 @@ class _Pending:
     encoded: int = 0
 
 
-def plan(
-    paths: Sequence[str | os.PathLike[str]], store: IndexStore, options: IndexOptions
-) -> tuple[list[tuple[Path, os.stat_result, str]], list[str], int, int]:
-    """(to index: (path, stat, fingerprint)), known paths gone from disk, unchanged, scanned."""
-    roots = [Path(p).expanduser().absolute() for p in paths]
-    files = scan(paths)
+@dataclass
+class Plan:
+    todo: list[tuple[Path, os.stat_result, str]]  # to index: (path, stat, fingerprint)
+    bad: list[BadEntry]  # new or changed entries that cannot be read: recorded as failed
+    gone: list[str]  # known paths no longer on disk: marked removed
+    unchanged: int
+    scanned: int
+
+
+def plan(paths: Sequence[str | os.PathLike[str]], store: IndexStore, options: IndexOptions) -> Plan:
+    """What to do for each entry under `paths`, compared with what the index knows."""
+    given = [Path(p).expanduser().absolute() for p in paths]
+    roots = given + [Path(os.path.realpath(p)) for p in given]
+    files, bad = scan(paths)
     known = store.known_videos()
-    todo, unchanged = [], 0
+    result = Plan([], [], [], 0, len(files) + len(bad))
+
+    def same(seen: KnownVideo | None, stat: os.stat_result | None) -> bool:
+        """Known, not to be retried, and the same size and mtime: not even read."""
+        if seen is None or seen.status == VideoStatus.REMOVED.value or stat is None:
+            return False
+        if seen.status == VideoStatus.FAILED.value and options.retry_failed:
+            return False
+        return seen.size == stat.st_size and seen.mtime == stat.st_mtime
+
     for path in files:
-        stat = path.stat()
         seen = known.get(str(path))
-        if seen is not None and (seen.status != VideoStatus.FAILED.value or not options.retry_failed):
-            if seen.status != VideoStatus.REMOVED.value and seen.size == stat.st_size and seen.mtime == stat.st_mtime:
-                unchanged += 1  # same size and mtime: not even read
+        try:
+            stat = path.stat()
+            if same(seen, stat):
+                result.unchanged += 1
                 continue
-        fingerprint = fingerprint_file(path)
+            fingerprint = fingerprint_file(path)
+        except OSError as error:  # e.g. unreadable: a failure of this file, not of the run
+            entry = BadEntry(path, _reason(error, path), _lstat(path))
+            if same(seen, entry.stat) and seen.status == VideoStatus.FAILED.value:
+                result.unchanged += 1
+            else:
+                result.bad.append(entry)
+            continue
         if (
             seen is not None
             and seen.status == VideoStatus.INDEXED.value
             and seen.fingerprint == fingerprint
             and seen.size == stat.st_size
         ):
-            unchanged += 1  # touched, not changed
+            result.unchanged += 1  # touched, not changed
             continue
-        todo.append((path, stat, fingerprint))
-    on_disk = {str(p) for p in files}
-    gone = [
+        result.todo.append((path, stat, fingerprint))
+    for entry in bad:
+        seen = known.get(str(entry.path))
+        if same(seen, entry.stat) and seen.status == VideoStatus.FAILED.value:
+            result.unchanged += 1  # the same bad entry as last time: nothing to record
+        else:
+            result.bad.append(entry)
+    listed = {str(p) for p in files} | {str(e.path) for e in bad}
+    result.gone = [
         p for p, seen in known.items()
-        if seen.status != VideoStatus.REMOVED.value and _under(p, roots) and p not in on_disk and not Path(p).exists()
+        if seen.status != VideoStatus.REMOVED.value and _under(p, roots) and p not in listed and _gone(p)
     ]
-    return todo, gone, unchanged, len(files)
+    return result
 
 
 def build_index(
@@ -142,34 +239,52 @@ def build_index(
     options = options or IndexOptions()
     began = time.perf_counter()
     config = runner.config
+    keep_latents = options.store_latents
+    if keep_latents is None:
+        keep_latents = config.latent_reranker if store.layout is None else store.layout.latent_shape is not None
+        options = dataclasses.replace(options, store_latents=keep_latents)  # resolved for the workers below
     layout = IndexLayout(
         config.embed_dim,
         config.rerank_state_width,
-        (config.latents, config.hidden) if options.store_latents else None,
+        (config.latents, config.hidden) if keep_latents else None,
         options.faiss_factory,
     )
     if store.layout is None:
         store.set_model(config.to_json(), runner.fingerprint, layout)
     else:
         store.check_model(config.to_json(), runner.fingerprint)
-        if (store.layout.latent_shape is not None) != options.store_latents:
+        if (store.layout.latent_shape is not None) != keep_latents:
             keeps = "keeps" if store.layout.latent_shape is not None else "does not keep"
             raise IndexStoreError(f"index {store.directory} {keeps} latents; "
                                   f"{'drop' if store.layout.latent_shape is None else 'add'} --store-latents")
-    todo, gone, unchanged, scanned = plan(paths, store, options)
-    summary = IndexSummary(scanned=scanned, unchanged=unchanged)
-    for path in gone:
+    planned = plan(paths, store, options)
+    todo = planned.todo
+    summary = IndexSummary(scanned=planned.scanned, unchanged=planned.unchanged)
+    for path in planned.gone:
         store.mark_removed(path)
         summary.removed += 1
+    for entry in planned.bad:
+        store.mark_failed(str(entry.path), entry.reason, entry.stat)
+        summary.failed[shown(entry.path)] = entry.reason
+    # Before anything is added: row ids of an add a crash cut short are reused, so their
+    # leftover thumbnails must go first. Changed files get new segments (and thumbnails).
+    missing = store.sync_thumbnails()
+    redo = {str(path) for path, _, _ in todo}
+    backfill = _by_video(missing, redo) if options.thumbnails else {}
     windows = Windows(options.window_s, options.stride_s)
+    backfilled = 0  # videos whose missing thumbnails were made in this run
 
     def report(path: str) -> None:
         if progress:
-            progress(IndexProgress(summary.indexed + len(summary.failed), len(todo), summary.segments, path))
+            done = summary.indexed + len(summary.failed) + backfilled
+            progress(IndexProgress(done, len(todo) + len(planned.bad) + len(backfill), summary.segments, path))
 
     jobs = ((i, str(path), windows, config.frames, config.frame_size) for i, (path, _, _) in enumerate(todo))
     # On CPU the decoder workers need cores too: torch threads beyond the rest spin on
     # OpenMP barriers while a decoder holds the core (measured 7x slower on 2 cores).
+    summary.dtype = runner.dtype_name
+    if todo:  # recorded before the first segment of this dtype is committed
+        store.record_dtype(runner.dtype_name)
     threads = torch.get_num_threads()
     if runner.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - options.workers))
@@ -185,11 +300,48 @@ def build_index(
                 if written % options.save_every == 0:
                     store.save_faiss()
                 report(video.path)
+            store.save_faiss()  # the new videos are safe before the thumbnail pass
+            for path in _add_thumbnails(pool, backfill, store, config, summary):
+                backfilled += 1
+                report(path)
     finally:
         torch.set_num_threads(threads)
         store.save_faiss()
     summary.seconds = time.perf_counter() - began
     return summary
+
+
+def _by_video(segments: list[SegmentInfo], skip: set[str]) -> dict[str, list[SegmentInfo]]:
+    """Segments grouped by their video's path, in time order, leaving out paths in `skip`."""
+    grouped: dict[str, list[SegmentInfo]] = {}
+    for seg in segments:
+        if seg.path not in skip:
+            grouped.setdefault(seg.path, []).append(seg)
+    return {path: sorted(segs, key=lambda s: s.start_s) for path, segs in grouped.items()}
+
+
+def _add_thumbnails(
+    pool: DecodePool,
+    missing: dict[str, list[SegmentInfo]],
+    store: IndexStore,
+    config: ModelConfig,
+    summary: IndexSummary,
+) -> Iterator[str]:
+    """Decode the segments that have no thumbnail (the same frames indexing took) and write
+    theirs; yields each video's path when done. A file that cannot be decoded any more keeps
+    its segments, without thumbnails (the next run tries again)."""
+
+    def spans(segs: list[SegmentInfo]) -> list[tuple[float, float]] | None:
+        if len(segs) == 1 and segs[0].end_s <= segs[0].start_s:
+            return None  # an image, or a video without a duration: decoded whole
+        return [(seg.start_s, seg.end_s) for seg in segs]
+
+    jobs = ((path, path, spans(segs), config.frames, config.frame_size) for path, segs in missing.items())
+    for path, result in pool.imap(jobs):
+        if not isinstance(result, VideoDecodeError) and len(result) == len(missing[path]):
+            images = [clip_thumbnail(clip.frames, clip.mask) for clip in result]
+            summary.thumbnails_added += store.thumbnails.write([seg.id for seg in missing[path]], images)
+        yield path
 
 
 def _decoded(
@@ -204,7 +356,7 @@ def _decoded(
         path, stat, fingerprint = todo[key]
         if isinstance(result, VideoDecodeError):
             store.mark_failed(str(path), result.reason, stat, fingerprint)
-            summary.failed[str(path)] = result.reason
+            summary.failed[shown(path)] = result.reason
             report(str(path))
             continue
         yield _Pending(str(path), stat, fingerprint, result)
@@ -220,7 +372,7 @@ def _encode_batches(videos: Iterator[_Pending], runner: ModelRunner, options: In
         batch, queue[:] = queue[: options.batch_size], queue[options.batch_size :]
         frames = np.stack([v.decoded[i].frames for v, i in batch])
         masks = np.stack([v.decoded[i].mask for v, i in batch])
-        encoded = runner.encode_clips(frames, masks, keep_latents=options.store_latents)
+        encoded = runner.encode_clips(frames, masks, keep_latents=bool(options.store_latents))
         for row, (video, _) in enumerate(batch):
             video.parts.append(_rows(encoded, row))
             video.encoded += 1
@@ -259,14 +411,16 @@ def _write(video: _Pending, store: IndexStore, options: IndexOptions) -> None:
         np.concatenate([p.embeddings for p in video.parts]),
         np.concatenate([p.rerank_states for p in video.parts]),
         latents,
+        thumbnails=[clip_thumbnail(clip.frames, clip.mask) for clip in decoded] if options.thumbnails else None,
     )
 
 
 def rebuild_vectors(index_dir: str | Path, db_url: str | None = None) -> int:
-    """Recreate the FAISS index from the stored embeddings alone; returns its size."""
-    path = Path(index_dir) / FAISS_FILE
+    """Recreate the FAISS index from the stored embeddings alone; returns its size.
+
+    The writer lock comes first: while another process writes the index this refuses
+    (IndexLockedError) and touches nothing."""
     if not (Path(index_dir).is_dir()):
         raise IndexStoreError(f"no index at {index_dir}")
-    path.unlink(missing_ok=True)  # derived data: opening the store rebuilds it
     with IndexStore(index_dir, db_url) as store:
-        return store.vectors.ntotal if store.vectors is not None else 0
+        return store.rebuild_vectors()

@@ -18,9 +18,11 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
+    TypeDecorator,
     false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -37,6 +39,28 @@ NAMING_CONVENTION = {
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime) -> datetime:
+    """An aware UTC datetime; a naive one is taken to be UTC already."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """A point in time, stored and compared as UTC on every backend, read back aware.
+
+    SQLite has no time zones: SQLAlchemy writes a datetime's wall-clock digits and drops the
+    offset, so 12:00+14:00 would compare as 12:00 UTC. Converting every bound value (stored
+    or compared) to UTC first makes SQLite order them as PostgreSQL's timestamptz does."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        return None if value is None else as_utc(value)
 
 
 class Base(DeclarativeBase):
@@ -56,7 +80,10 @@ class Video(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The path as shown (indexer/paths.py): the file's own name when it is valid UTF-8, else a
+    # readable form with \xNN escapes, and then the exact bytes in `path_bytes`.
     path: Mapped[str] = mapped_column(String, unique=True)
+    path_bytes: Mapped[bytes | None] = mapped_column(LargeBinary)
     # Size/mtime/fingerprint may be unknown for a file that failed before it could be read.
     size: Mapped[int | None] = mapped_column(BigInteger)
     mtime: Mapped[float | None] = mapped_column(Float)
@@ -67,10 +94,8 @@ class Video(Base):
     height: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, onupdate=utcnow
-    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
     segments: Mapped[list[Segment]] = relationship(back_populates="video")
     captions: Mapped[list[Caption]] = relationship(back_populates="video")
@@ -117,6 +142,10 @@ class IndexInfo(Base):
     index_uuid: Mapped[str] = mapped_column(String(32))
     model_config: Mapped[str | None] = mapped_column(Text)  # the model's config as JSON
     weights_fingerprint: Mapped[str | None] = mapped_column(String(128))
+    # dtype(s) the model ran in to encode the segments, comma-separated in order of first use
+    # ("bfloat16", or "bfloat16,float32" after a run in each); stored vectors are float
+    # either way, so any dtype can search it. None: built before this was recorded.
+    encode_dtype: Mapped[str | None] = mapped_column(String(64))
     embedding_dim: Mapped[int | None] = mapped_column(Integer)  # d
     rerank_width: Mapped[int | None] = mapped_column(Integer)  # D + H
     latent_tokens: Mapped[int | None] = mapped_column(Integer)  # N, when latents are kept
@@ -126,7 +155,5 @@ class IndexInfo(Base):
     # committed segments, and a counter bumped by every transaction that removes segments.
     committed_rows: Mapped[int] = mapped_column(BigInteger, default=0)
     removal_seq: Mapped[int] = mapped_column(BigInteger, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, onupdate=utcnow
-    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

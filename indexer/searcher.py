@@ -4,41 +4,34 @@ the candidates again), results grouped per video with the best segment's time sp
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, func, select
 
 from indexer.encoding import ModelRunner
-from indexer.errors import IndexStoreError
+from indexer.errors import IndexReplacedError, NotFoundError
 from indexer.index_store import IndexStore, SegmentInfo
+from indexer.paths import shown
+from indexer.precision import DtypeChoice
+from indexer.request import (  # noqa: F401 - the request names stay importable from here too
+    MAX_K,
+    RERANK_MODES,
+    Fusion,
+    RerankMode,
+    SearchError,
+    SearchFilters,
+    SearchRequest,
+    search_request,
+)
 from indexer.schema import Segment, Video, VideoStatus
 from pvl_search.video import VideoDecodeError, read_clips
-
-RerankMode = Literal["mixed", "single", "none"]
-Fusion = Literal["sum", "rerank"]
-RERANK_MODES: tuple[str, ...] = ("mixed", "single", "none")
-MAX_K = 1000
-
-
-class SearchError(ValueError):
-    """A query the searcher refuses (empty, k out of range, ...); the message says why."""
-
-
-@dataclass
-class SearchFilters:
-    path_glob: str | None = None  # shell-style pattern on the video's path, e.g. "*/news/*"
-    min_duration: float | None = None  # seconds
-    max_duration: float | None = None
-    added_since: datetime | None = None
-
-    def active(self) -> bool:
-        return any(v is not None for v in asdict(self).values())
 
 
 @dataclass
@@ -71,13 +64,58 @@ class SearchResult:
     rerank: str
     truncated: bool  # the query was longer than the model reads; its tail was ignored
     timings_ms: dict[str, float] = field(default_factory=dict)
+    dtype: str = "float32"  # what the query was encoded in
+    index_dtype: str | None = None  # what the index's segments were encoded in (None: not recorded)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+QUERY_CACHE = 1024  # query encodings kept (a few KB each)
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """One query's encoding, as cached (shared by every request with this text: never
+    written to)."""
+
+    embedding: np.ndarray  # (d,)
+    rerank_state: np.ndarray  # (D + H,)
+    truncated: bool
+    latents: np.ndarray | None  # (N, D), for the latent reranker
+
+
+class QueryCache:
+    """Least-recently-used query encodings by text: the same words under other filters or
+    another k are not encoded again. Safe to share between threads."""
+
+    def __init__(self, size: int = QUERY_CACHE) -> None:
+        self.size = size
+        self._items: OrderedDict[str, _Encoded] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, text: str) -> _Encoded | None:
+        with self._lock:
+            item = self._items.get(text)
+            if item is not None:
+                self._items.move_to_end(text)
+            return item
+
+    def put(self, text: str, item: _Encoded) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._items[text] = item
+            self._items.move_to_end(text)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 def glob_to_like(pattern: str) -> str:
-    """Shell glob -> SQL LIKE pattern (escape character '\\')."""
+    """Shell glob (* and ? only) -> SQL LIKE pattern (escape character '\\')."""
     out = []
     for ch in pattern:
         if ch in "%_\\":
@@ -91,8 +129,60 @@ def glob_to_like(pattern: str) -> str:
     return "".join(out)
 
 
+def path_matches(column: ColumnElement[str], pattern: str, dialect: str) -> ColumnElement[bool]:
+    """`column` matches the shell-style `pattern` (* any run of characters, / included; ?
+    one character; everything else literal), case-sensitively on every backend, as shell
+    globs and Linux paths are. SQLite's LIKE ignores ASCII case and PostgreSQL's does not,
+    so SQLite uses GLOB (case-sensitive), with its one extra wildcard, [, made literal."""
+    if dialect == "sqlite":
+        return column.op("GLOB")(pattern.replace("[", "[[]"))
+    return column.like(glob_to_like(pattern), escape="\\")
+
+
+class _SharedLock:
+    """Held shared by every operation on the open index, exclusively to swap it for a
+    reopened one; a waiting swap goes before new shared holders (or it could wait forever)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 class Searcher:
-    """Loads the model and opens the index once, then answers many queries."""
+    """Loads the model and opens the index once, then answers many queries.
+
+    It follows the index on disk: when the folder or its database is replaced (deleted and
+    restored, rebuilt) it reopens it at the next request instead of answering from the old
+    copy, and when the index cannot be read it raises IndexStoreError until it can again.
+    """
 
     def __init__(
         self,
@@ -103,15 +193,58 @@ class Searcher:
         device: str | None = None,
         cross_layers: int | None = None,
         runner: ModelRunner | None = None,
+        dtype: DtypeChoice = "auto",
+        query_cache: int = QUERY_CACHE,
     ) -> None:
         self.index_dir = Path(index_dir)
-        self.runner = runner or ModelRunner.from_folder(model_dir, device=device, cross_layers=cross_layers)
-        self.store = IndexStore(self.index_dir, db_url, read_only=True)
+        self.db_url = db_url
+        self.runner = runner or ModelRunner.from_folder(model_dir, device=device, cross_layers=cross_layers,
+                                                        dtype=dtype)
+        self.query_cache = QueryCache(query_cache)
+        self._swap = _SharedLock()
+        self._reopening = threading.Lock()
+        self._stale = False  # the database was replaced under the open store (a refresh saw it)
+        self.store = self._open()
+
+    def _open(self) -> IndexStore:
+        store = IndexStore(self.index_dir, self.db_url, read_only=True)
         try:
-            self.store.check_model(self.runner.config.to_json(), self.runner.fingerprint)
+            store.check_model(self.runner.config.to_json(), self.runner.fingerprint)
         except BaseException:
-            self.store.close()
+            store.close()
             raise
+        return store
+
+    def _reopen(self) -> None:
+        """Open the index again and swap it in once no request uses the old one. If it
+        cannot be opened (deleted, not restored yet) the error is raised and the old one
+        kept, so the next request tries again."""
+        with self._reopening:
+            if not self.store.replaced() and not self._stale:
+                return  # another thread has just reopened it
+            fresh = self._open()
+            with self._swap.exclusive():
+                old, self.store, self._stale = self.store, fresh, False
+            old.close()
+
+    @contextmanager
+    def _current(self) -> Iterator[IndexStore]:
+        """The index as it is on disk now, held for one operation: reopened first if it was
+        replaced, then caught up with what writers committed since the last request."""
+        for attempt in range(2):
+            if self.store.replaced() or self._stale:
+                self._reopen()
+            with self._swap.shared():
+                store = self.store
+                try:
+                    store.refresh()  # new videos searchable (one SQL read if nothing changed)
+                except IndexReplacedError:
+                    if attempt:
+                        raise
+                    self._stale = True  # reopen, outside this shared hold, and try again
+                    continue
+                yield store
+                return
 
     def close(self) -> None:
         self.store.close()
@@ -131,7 +264,7 @@ class Searcher:
             .where(Segment.removed.is_(False), Video.status == VideoStatus.INDEXED.value)
         )
         if filters.path_glob:
-            query = query.where(Video.path.like(glob_to_like(filters.path_glob), escape="\\"))
+            query = query.where(path_matches(Video.path, filters.path_glob, self.store.db.engine.dialect.name))
         if filters.min_duration is not None:
             query = query.where(Video.duration >= filters.min_duration)
         if filters.max_duration is not None:
@@ -142,13 +275,30 @@ class Searcher:
             return np.asarray(s.scalars(query.order_by(Segment.id)).all(), dtype=np.int64)
 
     # ------------------------------------------------------------------ search
+    def run(self, request: SearchRequest) -> SearchResult:
+        """Answer a request checked by `indexer.request.search_request`."""
+        return self.run_many([request])[0]
+
+    def run_many(self, requests: Sequence[SearchRequest]) -> list[SearchResult]:
+        """Answer requests, each with its own k, filters and rerank mode, as one batch: one
+        text-encoder call for the texts not in the query cache, one SQL read for all the
+        candidates' rows, one refresh of the index view. Each answer is bit for bit the one
+        the request gets alone: nothing whose rounding depends on the batch is batched
+        (`ModelRunner._text_latents`, `_retrieve_many`, `_rerank`)."""
+        if not requests:
+            raise SearchError("no query given", "q")
+        for r in requests:
+            self._check([r.query], r.k, r.rerank_k, r.rerank, r.fusion)
+        with self._current():  # the index as it is on disk now, kept for the whole batch
+            return self._answer(requests)
+
     def search(
         self,
         query: str,
         *,
         k: int = 10,
         rerank_k: int = 50,
-        rerank: RerankMode = "mixed",
+        rerank: RerankMode = "auto",
         fusion: Fusion = "sum",
         filters: SearchFilters | None = None,
     ) -> SearchResult:
@@ -160,59 +310,116 @@ class Searcher:
         *,
         k: int = 10,
         rerank_k: int = 50,
-        rerank: RerankMode = "mixed",
+        rerank: RerankMode = "auto",
         fusion: Fusion = "sum",
         filters: SearchFilters | None = None,
     ) -> list[SearchResult]:
-        """Answer a batch of queries: one text-encoder pass and one FAISS call for all."""
+        """Answer a batch of queries with the same settings (see `run_many`)."""
         self._check(queries, k, rerank_k, rerank, fusion)
-        self.store.refresh()  # see videos indexed since the last query (one SQL read if none)
-        started = time.perf_counter()
-        encoded = self.runner.encode_queries(queries)
-        encode_ms = (time.perf_counter() - started) * 1000 / len(queries)
-        allowed = self.allowed_segments(filters) if filters is not None and filters.active() else None
+        requests = [SearchRequest(q, k, rerank_k, rerank, fusion, filters or SearchFilters()) for q in queries]
+        with self._current():  # the index as it is on disk now, kept for the whole batch
+            return self._answer(requests)
+
+    def _answer(self, requests: Sequence[SearchRequest]) -> list[SearchResult]:
+        encoded, encode_ms = self._encode([r.query for r in requests])
+        t1 = time.perf_counter()
+        allowed: dict[tuple, np.ndarray | None] = {}  # one SQL filter per distinct filter set
+        for r in requests:
+            key = astuple(r.filters)
+            if key not in allowed:
+                allowed[key] = self.allowed_segments(r.filters) if r.filters.active() else None
+        xq = np.stack([e.embedding for e in encoded])
+        found, info = self._retrieve_many(requests, xq, allowed)
+        # Retrieval (filters, FAISS, the one SQL read) is charged evenly to the requests.
+        retrieve_ms = (time.perf_counter() - t1) * 1000 / len(requests)
+        index_dtype = self.store.encode_dtype()
         results = []
-        for q, text in enumerate(queries):
-            t0 = time.perf_counter()
-            ids, sims, info = self._retrieve(
-                encoded.embeddings[q : q + 1], k, rerank_k if rerank != "none" else 0, allowed
-            )
-            t1 = time.perf_counter()
-            n_rerank = min(len(ids), rerank_k) if rerank != "none" else 0
-            rerank_scores = self._rerank(text, encoded.rerank_states[q], ids[:n_rerank], info, rerank)
+        for r, enc, (ids, sims), ms in zip(requests, encoded, found, encode_ms):
             t2 = time.perf_counter()
-            hits = self._group(ids, sims, info, rerank_scores, fusion, k)
+            mode = self.rerank_mode(r.rerank)
+            n_rerank = min(len(ids), r.rerank_k) if mode != "none" else 0
+            # One call per query, never one for the batch: a batched product rounds differently.
+            rerank_scores = self._rerank(r.query, enc, ids[:n_rerank], info, mode)
             t3 = time.perf_counter()
-            timings = {"encode": encode_ms, "retrieve": (t1 - t0) * 1000, "rerank": (t2 - t1) * 1000,
-                       "lookup": (t3 - t2) * 1000}
+            hits = self._group(ids, sims, info, rerank_scores, r.fusion, r.k)
+            t4 = time.perf_counter()
+            timings = {"encode": ms, "retrieve": retrieve_ms, "rerank": (t3 - t2) * 1000, "lookup": (t4 - t3) * 1000}
             timings["total"] = sum(timings.values())
-            results.append(SearchResult(text, hits, rerank, encoded.truncated[q], timings))
+            results.append(SearchResult(r.query, hits, mode, enc.truncated, timings,
+                                        self.runner.dtype_name, index_dtype))
         return results
+
+    def _encode(self, texts: Sequence[str]) -> tuple[list[_Encoded], list[float]]:
+        """Each text's encoding, from the cache or from one encoder call for all the texts
+        not in it; and the encoder's milliseconds per text (0 for a cached one)."""
+        rows = {text: self.query_cache.get(text) for text in dict.fromkeys(texts)}
+        todo = [text for text, row in rows.items() if row is None]
+        ms = 0.0
+        if todo:
+            started = time.perf_counter()
+            out = self.runner.encode_queries(todo)
+            ms = (time.perf_counter() - started) * 1000 / len(todo)
+            for j, text in enumerate(todo):
+                latents = None if out.latents is None else out.latents[j]
+                rows[text] = _Encoded(out.embeddings[j], out.rerank_states[j], out.truncated[j], latents)
+                self.query_cache.put(text, rows[text])
+        fresh = set(todo)
+        return [rows[t] for t in texts], [ms if t in fresh else 0.0 for t in texts]
 
     @staticmethod
     def _check(queries: Sequence[str], k: int, rerank_k: int, rerank: str, fusion: str) -> None:
+        """The request rules (indexer/request.py), for callers of the library too."""
         if not queries:
-            raise SearchError("no query given")
+            raise SearchError("no query given", "q")
         for text in queries:
-            if not text or not text.strip():
-                raise SearchError("the query is empty: say what to look for")
-        if not 1 <= k <= MAX_K:
-            raise SearchError(f"k must be between 1 and {MAX_K}, got {k}")
-        if not 1 <= rerank_k <= 10 * MAX_K:
-            raise SearchError(f"rerank-k must be between 1 and {10 * MAX_K}, got {rerank_k}")
-        if rerank not in RERANK_MODES:
-            raise SearchError(f"rerank must be one of {', '.join(RERANK_MODES)}, got {rerank!r}")
-        if fusion not in ("sum", "rerank"):
-            raise SearchError(f"fusion must be 'sum' or 'rerank', got {fusion!r}")
+            search_request(text, k=k, rerank_k=rerank_k, rerank=rerank, fusion=fusion)
+
+    def _retrieve_many(
+        self, requests: Sequence[SearchRequest], xq: np.ndarray, allowed: dict[tuple, np.ndarray | None]
+    ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[int, SegmentInfo]]:
+        """`_retrieve` for many requests: FAISS per request, then one SQL read of all their
+        segments; a request whose list does not cover k videos yet then searches deeper
+        alone, as `_retrieve` would have.
+
+        FAISS is called once per query, not once per batch: a multi-query call scores with a
+        matrix product (BLAS, from vector_index's threshold on) whose rounding differs from a
+        single query's (measured: last-bit differences, which reorder ties), and an answer
+        must not depend on its batch. A FAISS call is small next to the text encoder."""
+        found: list[tuple[np.ndarray, np.ndarray]] = []
+        for i, r in enumerate(requests):
+            passes = allowed[astuple(r.filters)]
+            if passes is not None and len(passes) == 0:  # nothing passes the filters
+                found.append((np.empty(0, np.int64), np.empty(0, np.float32)))
+                continue
+            D, I = self.store.search(xq[i : i + 1], self._depth(r), passes)
+            keep = I[0] >= 0
+            found.append((I[0][keep], D[0][keep]))
+        info = self.store.segments(np.concatenate([ids for ids, _ in found]))  # one SQL round trip
+        for i, r in enumerate(requests):
+            ids, _ = found[i]
+            fetch = self._depth(r)
+            if len(ids) < fetch or len({info[s].video_id for s in ids.tolist() if s in info}) >= r.k:
+                continue
+            rerank_k = r.rerank_k if r.rerank != "none" else 0
+            ids, sims, more = self._retrieve(xq[i : i + 1], r.k, rerank_k, allowed[astuple(r.filters)], fetch * 4)
+            found[i] = (ids, sims)
+            info.update(more)
+        return found, info
+
+    @staticmethod
+    def _depth(request: SearchRequest) -> int:
+        """Segments a first FAISS call fetches for `request`."""
+        return max(request.k, request.rerank_k if request.rerank != "none" else 0)
 
     def _retrieve(
-        self, xq: np.ndarray, k: int, rerank_k: int, allowed: np.ndarray | None
+        self, xq: np.ndarray, k: int, rerank_k: int, allowed: np.ndarray | None, fetch: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, dict[int, SegmentInfo]]:
         """Top segments by similarity and their metadata: at least `rerank_k` of them, and
-        enough to cover `k` distinct videos (a long video can fill the list on its own)."""
+        enough to cover `k` distinct videos (a long video can fill the list on its own).
+        `fetch`: how deep the first FAISS call looks (default max(k, rerank_k))."""
         if allowed is not None and len(allowed) == 0:
             return np.empty(0, np.int64), np.empty(0, np.float32), {}
-        fetch = max(k, rerank_k)
+        fetch = fetch or max(k, rerank_k)
         while True:
             D, I = self.store.search(xq, fetch, allowed)
             keep = I[0] >= 0
@@ -225,14 +432,30 @@ class Searcher:
                 return ids, sims, info
             fetch *= 4
 
+    def rerank_mode(self, requested: str) -> str:
+        """The reranker a request gets: "auto" is the one the model's validation chose (its
+        folder's search_defaults.json) when this index can run it, else "mixed"; "latent"
+        needs a model with a latent reranker and an index that keeps latents."""
+        latent_ok = self.runner.model.latent_reranker is not None and self.store.layout.latent_shape is not None
+        if requested == "auto":
+            chosen = self.runner.search_defaults.get("rerank", "mixed")
+            return chosen if chosen != "latent" or latent_ok else "mixed"
+        if requested == "latent" and not latent_ok:
+            why = "the model has no latent reranker" if self.runner.model.latent_reranker is None else \
+                "this index keeps no latents (index it with --store-latents)"
+            raise SearchError(f"rerank=latent is not available: {why}", "rerank")
+        return requested
+
     def _rerank(
-        self, text: str, query_state: np.ndarray, ids: np.ndarray, info: dict[int, SegmentInfo], mode: str
+        self, text: str, query: _Encoded, ids: np.ndarray, info: dict[int, SegmentInfo], mode: str
     ) -> np.ndarray:
         if len(ids) == 0 or mode == "none":
             return np.empty(0, np.float32)
         if mode == "mixed":
             states = self.store.rerank_states(ids)  # (K, D + H): read from the memory map
-            return self.runner.mixed_scores(query_state[None], states[None])[0]
+            return self.runner.mixed_scores(query.rerank_state[None], states[None])[0]
+        if mode == "latent":
+            return self.runner.latent_scores(query.latents, self.store.latents(ids))  # (K, N, D) stored
         return self._single_stream(text, ids, info)
 
     def _single_stream(
@@ -269,7 +492,7 @@ class Searcher:
         """Score segments, then keep each video's best segment; reranked segments rank ahead
         of the ones only retrieved (their scores are not on the same scale)."""
         n_reranked = len(rerank_scores)
-        best: dict[int, tuple[tuple[int, float], SegmentHit]] = {}
+        best: dict[int, tuple[tuple[int, float], SegmentHit, SegmentInfo]] = {}
         for row, (sid, sim) in enumerate(zip(ids.tolist(), sims.tolist())):
             seg = info.get(sid)
             if seg is None or seg.removed:
@@ -283,27 +506,28 @@ class Searcher:
             key = (1 if reranked else 0, score)
             hit = SegmentHit(sid, seg.start_s, seg.end_s, float(sim), logit, float(score))
             if seg.video_id not in best or key > best[seg.video_id][0]:
-                best[seg.video_id] = (key, hit)
+                best[seg.video_id] = (key, hit, seg)
         ranked = sorted(best.items(), key=lambda item: item[1][0], reverse=True)[:k]
-        videos = self._videos([vid for vid, _ in ranked])
+        # The video's path (as shown, = its SQL text) and length came with the segment rows.
         return [
-            VideoHit(rank + 1, vid, videos[vid][0], videos[vid][1], hit.score, hit)
-            for rank, (vid, (_, hit)) in enumerate(ranked)
+            VideoHit(rank + 1, vid, shown(seg.path), seg.duration, hit.score, hit)
+            for rank, (vid, (_, hit, seg)) in enumerate(ranked)
         ]
 
-    def _videos(self, video_ids: list[int]) -> dict[int, tuple[str, float | None]]:
-        if not video_ids:
-            return {}
-        with self.store.db.sessions() as s:
-            rows = s.execute(select(Video.id, Video.path, Video.duration).where(Video.id.in_(video_ids)))
-            return {r.id: (r.path, r.duration) for r in rows}
+    def counts(self) -> tuple[int, int]:
+        """(indexed videos, searchable segments) in the index as it is on disk now."""
+        with self._current() as store, store.db.sessions() as s:
+            videos = s.scalar(select(func.count()).select_from(Video).where(Video.status == VideoStatus.INDEXED.value))
+            segments = s.scalar(select(func.count()).select_from(Segment).where(Segment.removed.is_(False)))
+        return int(videos or 0), int(segments or 0)
 
     def video(self, video_id: int) -> dict:
-        """Metadata of one video and its segments (for `GET /videos/{id}`)."""
-        with self.store.db.sessions() as s:
+        """Metadata of one video and its segments (for `GET /videos/{id}`); NotFoundError
+        when the index has no such video. `path` is the readable form (indexer/paths.py)."""
+        with self._current() as store, store.db.sessions() as s:
             video = s.get(Video, video_id)
             if video is None:
-                raise IndexStoreError(f"no video with id {video_id}")
+                raise NotFoundError(f"no video with id {video_id}")
             segments = s.scalars(
                 select(Segment).where(Segment.video_id == video_id, Segment.removed.is_(False)).order_by(Segment.start_s)
             ).all()

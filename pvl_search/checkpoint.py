@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from .model import PerceiverVL
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+# Optional: how searches should use this model, as chosen on validation when it was shipped,
+# e.g. {"rerank": "latent", "rerank_k": 16}. Not part of the fingerprint: it changes no vector.
+SEARCH_DEFAULTS_FILE = "search_defaults.json"
+_SEARCH_DEFAULT_KEYS = {"rerank": str, "rerank_k": int, "chosen_by": str}
 
 
 class CheckpointError(ValueError):
@@ -43,7 +48,8 @@ def load_model(folder: str | Path, *, device: str | torch.device = "cpu") -> Per
     try:
         config = ModelConfig.load(config_path)
     except (ValueError, TypeError) as exc:
-        raise CheckpointError(str(exc)) from exc
+        message = str(exc)  # name the file, once (read errors already start with it)
+        raise CheckpointError(message if message.startswith(str(config_path)) else f"{config_path}: {message}") from None
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -79,3 +85,21 @@ def weights_fingerprint(folder: str | Path) -> str:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def load_search_defaults(folder: str | Path) -> dict:
+    """The folder's search_defaults.json ({} when there is none); a malformed one is an error."""
+    path = Path(folder) / SEARCH_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    for key, value in data.items():
+        kind = _SEARCH_DEFAULT_KEYS.get(key)
+        if kind is None or not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"{path}: unexpected entry {key!r}: {value!r}")
+    return data

@@ -37,14 +37,62 @@ class ModelConfig:
     # earlier (motion, event order). These give the inputs that local context first.
     text_mixer_layers: int = 0  # self-attention layers over the text tokens
     temporal_kernel: int = 0  # depthwise convolution over frames at each patch position (odd)
+    # Channels of a small convolutional stem before the patch projection (0 = the paper's
+    # linear patch embedding). A linear patch token cannot tell a ring from a disc when an
+    # object spans two or three patches; two 3x3 convolutions give it nonlinear local shape.
+    conv_stem: int = 0
+    # A second reranker beside the paper's [CLS] decoder: the query's text latents attend over
+    # a candidate's stored video latents (token by token), so it can check what the pooled
+    # embeddings blur. Costs N x D stored floats per segment.
+    latent_reranker: bool = False
 
     def __post_init__(self) -> None:
+        import math
+        import numbers
+
+        # Field by field first, before anything divides by a field or sizes a tensor with it:
+        # a hand-edited config.json with heads 0 or vocab_size 1e9 must be one clear error,
+        # not a ZeroDivisionError or a 256 GB allocation. Bounds are generous sanity limits.
+        whole = {
+            "hidden": (1, 16384), "heads": (1, 1024), "latents": (1, 65536), "blocks": (1, 256),
+            "self_layers": (0, 256), "frame_size": (1, 8192), "patch": (1, 8192), "frames": (1, 4096),
+            "max_frames": (1, 65536), "text_length": (3, 4096), "vocab_size": (1, 1 << 20),
+            "token_dim": (1, 16384), "embed_dim": (1, 16384), "text_mixer_layers": (0, 64),
+            "temporal_kernel": (0, 255), "conv_stem": (0, 4096),
+        }  # fmt: skip
+        for name, (low, high) in whole.items():
+            value = getattr(self, name)
+            if value is None and name == "token_dim":
+                continue  # None: the token embedding is `hidden` wide
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"model config: {name} must be a whole number, got {value!r}")
+            if not low <= value <= high:
+                raise ValueError(f"model config: {name}={value} is out of range [{low}, {high}]")
+        for name, (low, high) in {"mlp_ratio": (1e-3, 64.0), "layerdrop": (0.0, 1.0)}.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"model config: {name} must be a finite number, got {value!r}")
+            if not low <= value <= high:
+                raise ValueError(f"model config: {name}={value} is out of range [{low}, {high}]")
+        if not isinstance(self.latent_reranker, bool):
+            raise ValueError(f"model config: latent_reranker must be true or false, got {self.latent_reranker!r}")
+        # Each field may be sane and the whole still absurd: bound the parameter count too
+        # (token table, position tables, every attention/MLP layer), 4 bytes each in float32.
+        layers = self.blocks * (self.self_layers + 1) + self.text_mixer_layers + 2
+        positions = (self.frame_size // self.patch) ** 2 + self.max_frames + self.latents + self.text_length
+        params = (self.vocab_size * (self.token_dim or self.hidden) + positions * self.hidden
+                  + layers * (4 + 2 * self.mlp_ratio) * self.hidden**2)
+        if params > 4e9:
+            raise ValueError(f"model config describes about {params / 1e9:.0f} billion parameters; "
+                             "at most 4 billion are allowed")
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
         if self.frame_size % self.patch:
             raise ValueError(f"frame_size={self.frame_size} is not divisible by patch={self.patch}")
         if self.temporal_kernel and self.temporal_kernel % 2 == 0:
             raise ValueError(f"temporal_kernel={self.temporal_kernel} must be odd (0 = off)")
+        if self.conv_stem and self.patch % 2:
+            raise ValueError(f"conv_stem needs an even patch size; got patch={self.patch}")
         if self.text_length < 3:
             raise ValueError("text_length must leave room for <start>, one token and <end>")
 

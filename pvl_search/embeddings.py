@@ -24,7 +24,17 @@ class VideoEmbedding(nn.Module):
         self.config = config
         d = config.hidden
         # A stride-P convolution is the linear projection of non-overlapping P x P patches.
-        self.patch_embed = nn.Conv2d(3, d, kernel_size=config.patch, stride=config.patch)
+        # With a stem, two 3x3 convolutions (the first at stride 2) come first and the
+        # projection covers the same P x P pixels at half resolution.
+        c = config.conv_stem
+        if c:
+            self.patch_embed = nn.Sequential(
+                nn.Conv2d(3, c, 3, stride=2, padding=1), nn.GELU(),
+                nn.Conv2d(c, c, 3, padding=1), nn.GELU(),
+                nn.Conv2d(c, d, kernel_size=config.patch // 2, stride=config.patch // 2),
+            )
+        else:
+            self.patch_embed = nn.Conv2d(3, d, kernel_size=config.patch, stride=config.patch)
         self.position = nn.Parameter(torch.randn(config.grid * config.grid, d) * 0.02)
         self.temporal = nn.Parameter(torch.randn(config.max_frames, d) * 0.02)
         k = config.temporal_kernel

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .config import CLIP_VOCAB_SIZE
 from .embeddings import PAD_ID
+from .attribute_heads import AttributeHeads
 from .model import Encoding, PerceiverVL
 from .negative_bank import NegativeBank
 
@@ -26,6 +27,12 @@ class LossWeights:
     single_vtm: float = 0.0  # the joint encoder costs one more pass per pair
     mlm: float = 0.0
     mlm_probability: float = 0.15
+    # Listwise loss of the latent reranker (config.latent_reranker) over all in-batch pairs.
+    latent_nce: float = 0.0
+    # Auxiliary attribute heads on both embeddings (pvl_search.attribute_heads); needs scene labels.
+    attributes: float = 0.0
+    # Dense heads on the video input tokens: each patch's shape and motion; needs scene labels.
+    token_attributes: float = 0.0
 
 
 @dataclass
@@ -111,6 +118,9 @@ def compute_losses(
     bank: NegativeBank | None = None,
     rows: Tensor | None = None,
     mined: int = 0,
+    attribute_labels: Tensor | None = None,
+    heads: AttributeHeads | None = None,
+    token_labels: Tensor | None = None,
 ) -> LossOutput:
     """All objectives on one batch of B matching (video, caption) pairs.
 
@@ -120,9 +130,12 @@ def compute_losses(
 
     `bank` (with the batch's training-set `rows`): the `mined` banked videos closest to each
     caption join its mixed-stream listwise loss as extra negatives; the bank is then updated
-    with this batch."""
+    with this batch.
+
+    `attribute_labels` (B, len(scene_labels.LABELS)) with `heads`: the attribute loss, on the video
+    and the caption embedding alike."""
     b = token_ids.shape[0]
-    video = model.encode_video(frames, frame_mask)
+    video = model.encode_video(frames, frame_mask, keep_inputs=bool(weights.token_attributes))
     text = model.encode_text(token_ids)
     similarity = text.embedding @ video.embedding.T  # (B, B)
     parts: dict[str, Tensor] = {}
@@ -140,6 +153,8 @@ def compute_losses(
         parts["mixed_vtm"] = F.binary_cross_entropy_with_logits(vtm, labels)
     if weights.mixed_nce:
         parts["mixed_nce"] = mixed_listwise_loss(model, video, text, video_states, text_states, bank, rows, mined)
+    if weights.latent_nce:
+        parts["latent_nce"] = contrastive_loss(model.latent_scores(text.latents, video.latents))
     if weights.single_vtm:
         # The joint encoder is the costly pass: use B of the 3B pairs, half of them positive.
         # Random rows, so that every video gets positive pairs whatever the batch order.
@@ -155,6 +170,20 @@ def compute_losses(
         latents = model.encode_text(token_ids, replace_mask=masked).latents
         vocab = model.mlm_logits(latents, masked)  # (B, L, V)
         parts["mlm"] = F.cross_entropy(vocab[masked].float(), token_ids[masked])
+    if weights.attributes:
+        if attribute_labels is None or heads is None:
+            raise ValueError("the attribute loss needs scene labels and attribute heads")
+        video_part = heads.loss(video.embedding, attribute_labels)
+        text_part = heads.loss(text.embedding, attribute_labels, text=True)
+        parts["attributes"] = (video_part + text_part) / 2
+    if weights.token_attributes:
+        if token_labels is None or heads is None:
+            raise ValueError("the token attribute loss needs dense scene labels and attribute heads")
+        mask = frame_mask if frame_mask is not None else torch.ones(token_labels.shape[:2], dtype=torch.bool)
+        parts["token_attributes"] = heads.token_loss(video.inputs, token_labels, mask.to(token_labels.device))
     for name, value in parts.items():
         total = total + getattr(weights, name) * value
-    return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()}, similarity.detach())
+    logged = {k: float(v.detach()) for k, v in parts.items()}
+    if weights.attributes:  # which side is behind
+        logged |= {"attributes_video": float(video_part.detach()), "attributes_text": float(text_part.detach())}
+    return LossOutput(total, logged, similarity.detach())

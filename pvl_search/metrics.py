@@ -88,3 +88,18 @@ def paired_top1_change(baseline_ranks: Sequence[int], ranks: Sequence[int]) -> P
     tail = sum(math.comb(n, i) for i in range(max(gained, lost), n + 1))
     p_value = 1.0 if n == 0 else min(1.0, 2 * tail / 2**n)
     return PairedChange(gained, lost, float(p_value))
+
+
+def group_metrics(scores: np.ndarray, target: Sequence[int], groups: Sequence[str]) -> dict[str, float]:
+    """Twin-group diagnostics, in percent: `within_group_top1` (the query's own video scores
+    above every other video of its group; chance 1/group size) and `group_r1` (no video of
+    another group scores above the best of the query's group)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    target = np.asarray(target, dtype=np.int64)
+    labels = np.unique(np.asarray(groups), return_inverse=True)[1]
+    same = labels[None, :] == labels[target][:, None]  # (Q, V)
+    truth = scores[np.arange(len(target)), target]
+    within = ((scores >= truth[:, None]) & same).sum(1) == 1  # ties count against the model
+    best_in_group = np.where(same, scores, -np.inf).max(1)
+    group_first = ~((scores > best_in_group[:, None]) & ~same).any(1)
+    return {"within_group_top1": float(within.mean() * 100), "group_r1": float(group_first.mean() * 100)}

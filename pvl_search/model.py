@@ -16,13 +16,14 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .embeddings import TEXT, VIDEO, TextEmbedding, VideoEmbedding
-from .layers import CrossAttentionBlock, SelfAttentionBlock
+from .layers import MLP, CrossAttentionBlock, SelfAttentionBlock, split_heads
 
 
 @dataclass
 class Encoding:
     latents: Tensor  # (B, N, D) the latent array z
     embedding: Tensor  # (B, d) pooled, projected, L2-normalised: the multi-stream vector
+    inputs: Tensor | None = None  # (B, M, D) the input tokens, when asked for (training heads)
 
 
 class PerceiverEncoder(nn.Module):
@@ -84,6 +85,53 @@ class Decoder(nn.Module):
         return self.norm(self.block(queries, context, context_mask))
 
 
+class LatentReranker(nn.Module):
+    """Scores (query, candidate) pairs from the query's text latents and the candidate's video
+    latents: each text latent attends over the video latents (one cross-attention, heads H).
+
+    Two readouts are summed: an MLP + head over the mean of the attended values added to the
+    mean text latent, and a learned weighting of each head's mean log-normaliser (how strongly
+    the text latents found matching video latents, a soft late-interaction match).
+    The attention output is averaged over text latents before the output projection (linear,
+    so the order does not change the result) to keep K candidates x Q queries cheap.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.hidden
+        self.heads = config.heads
+        self.norm_query = nn.LayerNorm(d)
+        self.norm_context = nn.LayerNorm(d)
+        self.to_q = nn.Linear(d, d)
+        self.to_kv = nn.Linear(d, 2 * d)
+        self.to_out = nn.Linear(d, d)
+        self.norm_mlp = nn.LayerNorm(d)
+        self.mlp = MLP(d, ratio=config.mlp_ratio)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 1)
+        self.match = nn.Linear(config.heads, 1)
+
+    def forward(self, text_latents: Tensor, video_latents: Tensor) -> Tensor:
+        """text_latents (Q, N, D), video_latents (K, M, D) -> logits (Q, K) of every pair."""
+        heads, (nq, n), (nk, m) = self.heads, text_latents.shape[:2], video_latents.shape[:2]
+        dh = text_latents.shape[-1] // heads
+        q = split_heads(self.to_q(self.norm_query(text_latents)), heads)  # (Q, H, N, dh)
+        k, v = (split_heads(t, heads) for t in self.to_kv(self.norm_context(video_latents)).chunk(2, dim=-1))
+        # One matmul per head over all pairs, laid out so each softmax runs over contiguous memory.
+        q_rows = q.transpose(0, 1).reshape(heads, nq * n, dh)  # (H, Q*N, dh)
+        k_cols = k.permute(1, 3, 0, 2).reshape(heads, dh, nk * m)  # (H, dh, K*M)
+        logits = (q_rows @ k_cols).view(heads, nq, n, nk, m) / math.sqrt(dh)  # (H, Q, N, K, M)
+        lse = torch.logsumexp(logits.float(), dim=-1)  # (H, Q, N, K)
+        weights = (logits - lse[..., None].to(logits.dtype)).exp().mean(2)  # (H, Q, K, M): mean over text
+        pooled = weights.transpose(1, 2) @ v.transpose(0, 1)  # (H, K, Q, dh)
+        pooled = pooled.permute(2, 1, 0, 3).reshape(nq, nk, heads * dh)  # (Q, K, D)
+        x = text_latents.mean(1)[:, None] + self.to_out(pooled)  # residual onto the pooled query
+        x = x + self.mlp(self.norm_mlp(x))
+        match = lse.mean(2).permute(1, 2, 0)  # (Q, K, H): how well each head's text latents matched
+        score = self.head(self.norm(x))[..., 0] + self.match(match.to(x.dtype))[..., 0]
+        return score.float()
+
+
 class PerceiverVL(nn.Module):
     """The whole model. Public entry points: encode_video / encode_text (multi-stream),
     rerank_state / mixed_scores (mixed-stream, factorised), single_stream_scores, mlm_logits.
@@ -111,6 +159,7 @@ class PerceiverVL(nn.Module):
         self.video_proj = nn.Linear(d, config.embed_dim, bias=False)
         self.text_proj = nn.Linear(d, config.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.latent_reranker = LatentReranker(config) if config.latent_reranker else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -127,11 +176,13 @@ class PerceiverVL(nn.Module):
 
     # ---------------------------------------------------------------- multi-stream
     def encode_video(
-        self, frames: Tensor, frame_mask: Tensor | None = None, *, cross_layers: int | None = None
+        self, frames: Tensor, frame_mask: Tensor | None = None, *, cross_layers: int | None = None,
+        keep_inputs: bool = False,
     ) -> Encoding:
         """frames (B, F, 3, S, S) normalised, frame_mask (B, F) True for real frames."""
-        latents = self.encoder(*self.video_inputs(frames, frame_mask), cross_layers)
-        return Encoding(latents, self._embed(latents, self.video_proj))
+        tokens, mask = self.video_inputs(frames, frame_mask)
+        latents = self.encoder(tokens, mask, cross_layers)
+        return Encoding(latents, self._embed(latents, self.video_proj), tokens if keep_inputs else None)
 
     def encode_text(
         self, token_ids: Tensor, *, cross_layers: int | None = None, replace_mask: Tensor | None = None
@@ -234,6 +285,13 @@ class PerceiverVL(nn.Module):
         x = x + block.mlp(block.norm_mlp(x))
         scores = self.vtm_head(self.decoder.norm(x))[..., 0].float()  # (Q, K)
         return scores[0] if single_query else scores
+
+    def latent_scores(self, text_latents: Tensor, video_latents: Tensor) -> Tensor:
+        """Latent-reranker logits (Q, K) of Q queries' text latents (Q, N, D) against K
+        candidates' stored video latents (K, N, D); needs config.latent_reranker."""
+        if self.latent_reranker is None:
+            raise ValueError("this model has no latent reranker (config.latent_reranker is off)")
+        return self.latent_reranker(text_latents, video_latents.to(text_latents.dtype))
 
     # ---------------------------------------------------------------- training helpers
     def multi_stream_logits(self, video_embedding: Tensor, text_embedding: Tensor) -> Tensor:

@@ -113,6 +113,8 @@ class PairSet:
         captions: dict[str, list[str]],
         tokenizer: Tokenizer,
         groups: dict[str, str] | None = None,
+        labels: dict[str, np.ndarray] | None = None,
+        token_labels: dict[str, np.ndarray] | None = None,
     ) -> None:
         row = {key: i for i, key in enumerate(cache.keys)}
         self.cache = cache
@@ -122,6 +124,12 @@ class PairSet:
         self.groups = [(groups or {}).get(key, f"video:{key}") for key in self.keys]
         self.captions = [captions[key] for key in self.keys]
         self.tokens = [tokenizer(texts) for texts in self.captions]  # tokenised once
+        # Per-video scene labels (pvl_search.scene_labels) when every video has them.
+        has_labels = labels is not None and all(key in labels for key in self.keys)
+        self.labels = torch.as_tensor(np.stack([labels[k] for k in self.keys])) if has_labels and self.keys else None
+        has_tokens = token_labels is not None and all(key in token_labels for key in self.keys)
+        self.token_labels = (torch.as_tensor(np.stack([token_labels[k] for k in self.keys]).astype(np.int8))
+                             if has_tokens and self.keys else None)  # (V, F, G, 2)
 
     def __len__(self) -> int:
         return len(self.video_rows)
@@ -135,6 +143,14 @@ class PairSet:
         ids = torch.stack([self.tokens[i][p] for i, p in zip(indices, picks)])
         return to_model_input(frames, self.cache.masks[rows]) + (ids,)
 
+    def labels_of(self, indices: Sequence[int]) -> Tensor | None:
+        """(B, labels) scene labels of these videos, or None when the set has none."""
+        return None if self.labels is None else self.labels[list(indices)]
+
+    def token_labels_of(self, indices: Sequence[int]) -> Tensor | None:
+        """(B, F, G, 2) dense patch labels of these videos, or None when the set has none."""
+        return None if self.token_labels is None else self.token_labels[list(indices)].long()
+
     def group_ids(self, indices: Sequence[int]) -> Tensor:
         """(B,) ints, equal for videos of one group."""
         labels: dict[str, int] = {}
@@ -145,3 +161,18 @@ class PairSet:
         ids = torch.cat(self.tokens)
         owners = [i for i, t in enumerate(self.tokens) for _ in range(len(t))]
         return ids, owners
+
+
+def subset(data: PairSet, indices: Sequence[int]) -> PairSet:
+    """The videos `indices` of `data` (same cache, captions, groups and labels), e.g. for probes."""
+    part = object.__new__(PairSet)
+    picked = list(indices)
+    part.cache = data.cache
+    part.video_rows = [data.video_rows[i] for i in picked]
+    part.keys = [data.keys[i] for i in picked]
+    part.groups = [data.groups[i] for i in picked]
+    part.captions = [data.captions[i] for i in picked]
+    part.tokens = [data.tokens[i] for i in picked]
+    part.labels = None if data.labels is None else data.labels[picked]
+    part.token_labels = None if data.token_labels is None else data.token_labels[picked]
+    return part

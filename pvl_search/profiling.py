@@ -67,7 +67,8 @@ def profile_model(
 ) -> list[ProfileRow]:
     """Profile a randomly initialised model of `config` (FLOPs do not depend on the weights)."""
     torch.manual_seed(seed)
-    model = PerceiverVL(config).eval().to(dtype).requires_grad_(False)
+    # With the latent reranker always built, so its row is there whichever model ships.
+    model = PerceiverVL(config.replace(latent_reranker=True)).eval().to(dtype).requires_grad_(False)
     s = config.frame_size
     frames = torch.randn(1, config.frames, 3, s, s)
     token_ids = torch.randint(1, 1000, (1, config.text_length))
@@ -123,6 +124,13 @@ def profile_model(
             lambda: model.mixed_scores(text_state, video_states),
             candidates,
             f"per candidate, {candidates} at once, from rerank states",
+        ),
+        (
+            "latent reranker",
+            _params(model.latent_reranker),
+            lambda: model.latent_scores(text, video_many),
+            candidates,
+            f"per candidate, {candidates} at once, from stored latents ({config.latents * config.hidden} floats each)",
         ),
     ]
     rows = []

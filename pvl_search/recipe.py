@@ -16,6 +16,9 @@ from .captions import load_captions
 from .config import ModelConfig
 from .model import PerceiverVL
 from .pairs import PairSet, build_frame_cache
+from .scene_labels import labels_from_meta, token_labels
+from .synth import Scene
+from .scene_stream import SceneStream, StreamSpec
 from .tokenizer import Tokenizer
 from .train import ProgressFn, TrainConfig, TrainResult, train
 
@@ -44,25 +47,61 @@ def load_pair_sets(
     *,
     limit: int | None = None,
     cache_progress: Callable[[int, int], None] | None = None,
+    splits: tuple[str, ...] = ("train", "val"),
 ) -> tuple[dict[str, PairSet], dict[str, str]]:
     """The train and val splits of a captions file over one frame cache, and the videos
     that failed to decode. A record's meta["group"] (e.g. a synthetic twin group) becomes
     its PairSet group, for group-aware batches."""
     records = load_captions(captions_path)
-    by_split = {split: [r for r in records if r.split == split][:limit] for split in ("train", "val")}
-    if not by_split["train"]:
-        raise ValueError(f"{captions_path}: no videos in the train split")
-    items = [(r.video_id, str(r.path)) for r in by_split["train"] + by_split["val"]]
+    by_split = {split: [r for r in records if r.split == split][:limit] for split in splits}
+    for split in splits:
+        if not by_split[split]:
+            raise ValueError(f"{captions_path}: no videos in the {split} split")
+    items = [(r.video_id, str(r.path)) for rs in by_split.values() for r in rs]
     cache, failed = build_frame_cache(
         items, cache_dir, frames=config.frames, size=config.frame_size, progress=cache_progress
     )
     tokenizer = Tokenizer(config.text_length)
     datasets = {
         split: PairSet(cache, {r.video_id: r.captions for r in rs}, tokenizer,
-                       groups={r.video_id: str(r.meta["group"]) for r in rs if "group" in r.meta})
+                       groups={r.video_id: str(r.meta["group"]) for r in rs if "group" in r.meta},
+                       labels=_scene_labels(rs), token_labels=_token_labels(rs, config))
         for split, rs in by_split.items()
     }
     return datasets, failed
+
+
+@dataclass
+class StreamOptions:
+    """Train on fresh generated videos (pvl_search.scene_stream) instead of a captions file's train split."""
+
+    seed: int  # the stream's seed
+    heldout_seed: int  # seed of the evaluation corpus: its held-out triples never appear
+    groups: int = 512  # twin groups (4 videos each) per chunk = per epoch
+    passes: int = 1  # epochs per chunk
+    folder: str | None = None  # where chunks go (default OUT/stream)
+
+
+def corpus_seed(captions_path: str | Path) -> int:
+    """The seed `pvl-search synth` recorded in a captions file (its held-out triples follow from it)."""
+    try:
+        return int(json.loads(Path(captions_path).read_text())["generator"]["seed"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{captions_path}: not a `pvl-search synth` captions file (no generator seed)") from exc
+
+
+def _scene_labels(records: list) -> dict | None:
+    """{video_id: labels} for records of the synthetic benchmark (meta["scene"]), else None."""
+    labels = labels_from_meta([r.meta for r in records])
+    return None if labels is None else {r.video_id: row for r, row in zip(records, labels)}
+
+
+def _token_labels(records: list, config: ModelConfig) -> dict | None:
+    """{video_id: dense patch labels} for synthetic-benchmark records, else None."""
+    if not records or any("scene" not in r.meta for r in records):
+        return None
+    return {r.video_id: token_labels(Scene.from_dict(r.meta["scene"]), config.frames, config.frame_size, config.patch)
+            for r in records}
 
 
 def train_from_captions(
@@ -78,16 +117,26 @@ def train_from_captions(
     limit: int | None = None,
     progress: ProgressFn | None = None,
     cache_progress: Callable[[int, int], None] | None = None,
+    stream: StreamOptions | None = None,
 ) -> RunSummary:
     """Train on the `train` split of a captions file, validating on `val` each epoch.
 
     `init` = "clip:MODEL:PATH" starts the self-attention stack from a local CLIP checkpoint
     (paper 4.2); `train_only="cross"` then trains only what CLIP did not provide (stage one
     of the paper's two-stage schedule). `limit` caps the videos per split (quick runs).
+
+    With `stream`, training videos come fresh from the synthetic generator (scene_stream) and
+    the captions file gives only the validation split.
     """
     out = Path(out_dir)
     datasets, failed = load_pair_sets(captions_path, config, Path(cache_dir) if cache_dir else out / "frame-cache",
-                                      limit=limit, cache_progress=cache_progress)
+                                      limit=limit, cache_progress=cache_progress,
+                                      splits=("val",) if stream else ("train", "val"))
+    if stream is not None:
+        spec = StreamSpec(seed=stream.seed, heldout_seed=stream.heldout_seed, groups_per_chunk=stream.groups,
+                          model_frames=config.frames, model_size=config.frame_size)
+        datasets["train"] = SceneStream(stream.folder or out / "stream", spec, config.text_length,
+                                        passes=stream.passes, patch=config.patch)
     torch.manual_seed(cfg.seed)
     model = PerceiverVL(config)
     trainable = None
@@ -103,7 +152,7 @@ def train_from_captions(
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({
         "captions": str(captions_path), "config": config.to_dict(), "train": cfg.to_dict(), "init": init,
-        "train_only": train_only, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "train_only": train_only, "stream": None if stream is None else asdict(stream), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }, indent=2, default=str))
     result: TrainResult = train(

@@ -34,12 +34,18 @@ class Tokenizer:
         return self.token_count(text) > self.text_length
 
     def __call__(self, texts: str | Sequence[str]) -> Tensor:
+        return self.encode(texts)[0]
+
+    def encode(self, texts: str | Sequence[str]) -> tuple[Tensor, list[bool]]:
+        """(B, text_length) ids and, per text, whether it was truncated: one BPE pass each."""
         if isinstance(texts, str):
             texts = [texts]
         ids = torch.zeros(len(texts), self.text_length, dtype=torch.long)
+        truncated = []
         bpe = _bpe()
         for row, text in enumerate(texts):
-            body = bpe.encode(text)[: self.text_length - 2]
-            tokens = [self.start_id, *body, self.end_id]
+            body = bpe.encode(text)
+            truncated.append(len(body) + 2 > self.text_length)
+            tokens = [self.start_id, *body[: self.text_length - 2], self.end_id]
             ids[row, : len(tokens)] = torch.tensor(tokens)
-        return ids
+        return ids, truncated

@@ -17,15 +17,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .attribute_heads import AttributeHeads
 from .checkpoint import load_state, save_model
 from .losses import LossWeights, compute_losses
-from .metrics import RetrievalMetrics, ranks_after_rerank, ranks_from_scores, retrieval_metrics
+from .metrics import RetrievalMetrics, group_metrics, ranks_after_rerank, ranks_from_scores, retrieval_metrics
 from .model import PerceiverVL
 from .negative_bank import NegativeBank
 from .pairs import PairSet
+from .scene_stream import SceneStream
 
 TRAIN_STATE_FILE = "train_state.safetensors"
 BANK_FILE = "negative_bank.safetensors"
+HEADS_FILE = "attribute_heads.safetensors"
 
 
 @dataclass
@@ -51,6 +54,14 @@ class TrainConfig:
     mined_negatives: int = 0
     losses: LossWeights = field(default_factory=LossWeights)
     device: str = "cpu"
+    val_every: int = 1  # epochs between validations (the last epoch is always validated)
+    # A curriculum: before this epoch only the attribute losses train (retrieval and reranking
+    # losses off), so the encoders learn shape, motion and order before a contrastive loss can
+    # settle on colour alone. 0 = every loss from the start.
+    retrieval_from: int = 0
+    # Linear probes at each validation (pvl_search.probes): fitted on this many training
+    # videos' embeddings, scored on the validation videos; 0 = off. Needs scene labels.
+    probe_videos: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +73,7 @@ class ValidationResult:
     multi: RetrievalMetrics  # multi-stream embeddings alone
     mixed: RetrievalMetrics  # mixed-stream decoder alone, over every video
     reranked: RetrievalMetrics  # the search default: multi top-k, re-scored by similarity + mixed logit
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> twin-group metrics
 
 
 @dataclass
@@ -109,45 +121,66 @@ def epoch_batches(
 @torch.no_grad()
 def score_matrices(
     model: PerceiverVL, data: PairSet, *, batch_size: int = 32, device: str = "cpu"
-) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Every caption of `data` against every video: multi-stream similarities and
-    mixed-stream logits, both (captions, videos), and each caption's video index."""
+) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Every caption of `data` against every video, (captions, videos) each: "multi"
+    (multi-stream similarity), "mixed" (the [CLS] decoder's logits) and, when the model has
+    one, "latent" (the latent reranker's logits); and each caption's video index."""
     model.eval()
     g = torch.Generator().manual_seed(0)
-    embeddings, states = [], []
+    embeddings, states, latents = [], [], []
     for start in range(0, len(data), batch_size):
         frames, masks, _ = data.batch(range(start, min(len(data), start + batch_size)), g)
         out = model.encode_video(frames.to(device), masks.to(device))
         embeddings.append(out.embedding)
         states.append(model.rerank_state(out.latents))
-    video_embedding, video_states = torch.cat(embeddings), torch.cat(states)
+        latents.append(out.latents)
+    video_embedding, video_states, video_latents = torch.cat(embeddings), torch.cat(states), torch.cat(latents)
     ids, owners = data.all_captions()
-    multi_parts, mixed_parts = [], []
+    parts: dict[str, list[torch.Tensor]] = {"multi": [], "mixed": []}
+    if model.latent_reranker is not None:
+        parts["latent"] = []
     for start in range(0, len(ids), batch_size):
         text = model.encode_text(ids[start : start + batch_size].to(device))
-        multi_parts.append(text.embedding @ video_embedding.T)
-        mixed_parts.append(model.mixed_scores(model.rerank_state(text.latents), video_states))
-    multi = torch.cat(multi_parts).float().cpu().numpy()
-    mixed = torch.cat(mixed_parts).float().cpu().numpy()
-    return multi, mixed, owners
+        parts["multi"].append(text.embedding @ video_embedding.T)
+        parts["mixed"].append(model.mixed_scores(model.rerank_state(text.latents), video_states))
+        if "latent" in parts:  # a few queries at a time: the pair tensor is (Q, V, H, N, N)
+            parts["latent"].append(torch.cat([model.latent_scores(text.latents[i : i + 4], video_latents)
+                                              for i in range(0, len(text.latents), 4)]))
+    return {name: torch.cat(p).float().cpu().numpy() for name, p in parts.items()}, owners
 
 
 def evaluate(
-    model: PerceiverVL, data: PairSet, *, batch_size: int = 32, device: str = "cpu", rerank_k: int = 16
+    model: PerceiverVL, data: PairSet, *, batch_size: int = 32, device: str = "cpu", rerank_k: int = 16,
+    groups: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, RetrievalMetrics]:
     """Text-to-video R@K over `data`, every caption a query: "multi" (embedding dot product),
-    "mixed" (factorised decoder over all videos) and "reranked" (multi-stream top `rerank_k`
-    re-scored by similarity + mixed logit, as `pvl-search search` does by default)."""
-    multi, mixed, owners = score_matrices(model, data, batch_size=batch_size, device=device)
-    return {
-        "multi": retrieval_metrics(ranks_from_scores(multi, owners)),
-        "mixed": retrieval_metrics(ranks_from_scores(mixed, owners)),
-        "reranked": retrieval_metrics(ranks_after_rerank(multi, multi + mixed, owners, rerank_k)),
-    }
+    "mixed" (factorised decoder over all videos), "reranked" (multi-stream top `rerank_k`
+    re-scored by similarity + mixed logit, as `pvl-search search` does by default) and, with a
+    latent reranker, "latent" and "latent_reranked" likewise.
+
+    With `groups` (a dict to fill), each method's twin-group metrics go there too."""
+    scores, owners = score_matrices(model, data, batch_size=batch_size, device=device)
+    multi = scores["multi"]
+    if groups is not None:
+        groups.update({name: group_metrics(s, owners, data.groups) for name, s in scores.items()})
+    result = {name: retrieval_metrics(ranks_from_scores(s, owners)) for name, s in scores.items()}
+    result["reranked"] = retrieval_metrics(ranks_after_rerank(multi, multi + scores["mixed"], owners, rerank_k))
+    if "latent" in scores:
+        result["latent_reranked"] = retrieval_metrics(
+            ranks_after_rerank(multi, multi + scores["latent"], owners, rerank_k))
+    return result
+
+
+def attributes_only(weights: LossWeights) -> LossWeights:
+    """The curriculum's first phase: the same attribute weights, every other loss off."""
+    return LossWeights(contrastive=0.0, mixed_vtm=0.0, mixed_nce=0.0, single_vtm=0.0, mlm=0.0, latent_nce=0.0,
+                       attributes=weights.attributes, token_attributes=weights.token_attributes)
 
 
 def selection_metric(cfg: TrainConfig) -> str:
     """The validation metric whose R@1 picks the best checkpoint."""
+    if cfg.losses.latent_nce:
+        return "latent_reranked"
     return "reranked" if cfg.losses.mixed_vtm or cfg.losses.mixed_nce else "multi"
 
 
@@ -186,9 +219,14 @@ def load_train_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:
 
 
 def _write_checkpoint(
-    model: PerceiverVL, folder: Path, optimizer: torch.optim.Optimizer, meta: dict, bank: NegativeBank | None
+    model: PerceiverVL, folder: Path, optimizer: torch.optim.Optimizer, meta: dict, bank: NegativeBank | None,
+    heads: AttributeHeads | None = None,
 ) -> None:
     save_model(model, folder)
+    if heads is not None:  # training-only weights: part of the state a resume needs
+        tmp = folder / (HEADS_FILE + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(tmp))
+        os.replace(tmp, folder / HEADS_FILE)
     if bank is not None:  # part of the training state: a resumed run mines what this one would
         tmp = folder / (BANK_FILE + ".tmp")
         save_file({k: v.contiguous() for k, v in bank.state_dict().items()}, str(tmp))
@@ -196,9 +234,20 @@ def _write_checkpoint(
     save_train_state(folder, optimizer, meta)
 
 
+def _probe_summary(model: PerceiverVL, train_data: PairSet, val_data: PairSet, videos: int) -> dict:
+    """Per-attribute probe accuracy of both embeddings, fitted on `videos` training videos."""
+    from .pairs import subset
+    from .probes import run_probes, probe_features
+
+    report = run_probes(probe_features(model, subset(train_data, range(min(videos, len(train_data))))),
+                        probe_features(model, val_data), features=("video_embedding", "text_embedding"))
+    keep = ("colour", "shape", "size", "motion", "shape_by_time", "motion_by_time", "order", "binding")
+    return {feature: {k: round(row[k], 3) for k in keep} for feature, row in report.items() if feature != "chance"}
+
+
 def train(
     model: PerceiverVL,
-    train_data: PairSet,
+    train_data: PairSet | SceneStream,
     val_data: PairSet | None,
     cfg: TrainConfig,
     out_dir: str | Path,
@@ -208,13 +257,25 @@ def train(
     progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Train in place. `out_dir/last` is the newest checkpoint (resumable), `out_dir/best`
-    the one with the best validation R@1 (see `selection_metric`), `out_dir/log.jsonl` the log."""
+    the one with the best validation R@1 (see `selection_metric`), `out_dir/log.jsonl` the log.
+
+    `train_data` may be a SceneStream: epoch e then trains on its chunk for e (fresh videos),
+    written ahead by a background process."""
     out = Path(out_dir)
+    stream = train_data if isinstance(train_data, SceneStream) else None
     out.mkdir(parents=True, exist_ok=True)
     if len(train_data) < cfg.batch_size:
         raise ValueError(f"{len(train_data)} training videos is fewer than one batch of {cfg.batch_size}")
+    if cfg.retrieval_from and not (cfg.losses.attributes or cfg.losses.token_attributes):
+        raise ValueError("a curriculum (retrieval from a later epoch) needs attribute losses to train before it")
+    if cfg.losses.latent_nce and model.latent_reranker is None:
+        raise ValueError("the latent reranker's loss needs a model with one (--latent-reranker)")
     if cfg.mined_negatives and not cfg.losses.mixed_nce:
         raise ValueError("mined negatives feed the listwise mixed-stream loss: give it a weight (--mixed-nce)")
+    if stream is not None and (cfg.mined_negatives or cfg.rerank_only_groups):
+        raise ValueError("mined negatives and --rerank-only-groups need a fixed training set, not a stream")
+    if cfg.losses.attributes and stream is None and train_data.labels is None:
+        raise ValueError("the attribute loss needs scene labels (a synthetic benchmark's captions file)")
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     model.to(device)
@@ -223,6 +284,11 @@ def train(
         keep = {id(p) for p in trainable}
         for p in model.parameters():
             p.requires_grad_(id(p) in keep)
+    dense = bool(cfg.losses.token_attributes)
+    heads = (AttributeHeads(model.config.embed_dim, model.config.hidden if dense else None).to(device)
+             if cfg.losses.attributes or dense else None)
+    if heads is not None:
+        params = params + list(heads.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]  # norms, biases, single vectors
     optimizer = torch.optim.AdamW(
@@ -239,6 +305,8 @@ def train(
         load_state(model, load_file(str(out / "last" / "model.safetensors")), source=str(out / "last"))
         if bank is not None and (out / "last" / BANK_FILE).exists():
             bank.load_state_dict(load_file(str(out / "last" / BANK_FILE)))
+        if heads is not None:
+            heads.load_state_dict(load_file(str(out / "last" / HEADS_FILE)))
         meta = load_train_state(out / "last", optimizer)
         step, start_epoch = meta["step"], meta["epoch"]
         best_r1, best_epoch = meta["best_r1"], meta["best_epoch"]
@@ -246,15 +314,18 @@ def train(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     log = open(out / "log.jsonl", "a")
     began, first_step = time.perf_counter(), step  # samples/s counts this process's steps only
+    if stream is not None:
+        stream.start(start_epoch, cfg.epochs)
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            data = stream.for_epoch(epoch) if stream is not None else train_data
             # Re-seed per epoch so a resumed run sees the batches an uninterrupted one would.
             generator.manual_seed(cfg.seed * 1000 + epoch)
             skip = step - epoch * steps_per_epoch  # batches of this epoch done before a resume
             grouped = cfg.group_batches_from is not None and epoch >= cfg.group_batches_from
-            labels = train_data.groups if grouped else None
-            for i, indices in enumerate(epoch_batches(len(train_data), cfg.batch_size, generator, labels)):
-                frames, masks, ids = train_data.batch(indices, generator)
+            labels = data.groups if grouped else None
+            for i, indices in enumerate(epoch_batches(len(data), cfg.batch_size, generator, labels)):
+                frames, masks, ids = data.batch(indices, generator)
                 if i < skip:
                     continue
                 model.train()
@@ -264,9 +335,14 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total_steps, cfg)
                 with autocast:
-                    batch_groups = train_data.group_ids(indices).to(device) if cfg.rerank_only_groups else None
-                    losses = compute_losses(model, frames.to(device), masks.to(device), ids.to(device), cfg.losses,
-                                            batch_groups, bank, torch.tensor(indices), cfg.mined_negatives)
+                    batch_groups = data.group_ids(indices).to(device) if cfg.rerank_only_groups else None
+                    weights = cfg.losses if epoch >= cfg.retrieval_from else attributes_only(cfg.losses)
+                    labels = data.labels_of(indices) if heads is not None else None
+                    dense_labels = data.token_labels_of(indices) if dense else None
+                    losses = compute_losses(model, frames.to(device), masks.to(device), ids.to(device), weights,
+                                            batch_groups, bank, torch.tensor(indices), cfg.mined_negatives,
+                                            None if labels is None else labels.to(device), heads,
+                                            None if dense_labels is None else dense_labels.to(device))
                 optimizer.zero_grad(set_to_none=True)
                 losses.total.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -282,12 +358,17 @@ def train(
                 if step % cfg.checkpoint_every == 0:
                     _write_checkpoint(model, out / "last", optimizer,
                                       {"step": step, "epoch": epoch, "best_r1": best_r1, "best_epoch": best_epoch},
-                                      bank)
-            record = {"kind": "epoch", "epoch": epoch, "step": step}
-            if val_data is not None and len(val_data):
-                val = evaluate(model, val_data, device=cfg.device, rerank_k=cfg.val_rerank_k)
-                history.append(ValidationResult(epoch, val["multi"], val["mixed"], val["reranked"]))
+                                      bank, heads)
+            record = {"kind": "epoch", "epoch": epoch, "step": step, "seconds": time.perf_counter() - began}
+            validate = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+            if validate and val_data is not None and len(val_data):
+                twins: dict[str, dict[str, float]] = {}
+                val = evaluate(model, val_data, device=cfg.device, rerank_k=cfg.val_rerank_k, groups=twins)
+                history.append(ValidationResult(epoch, val["multi"], val["mixed"], val["reranked"], twins))
                 record |= {f"val_{name}": metrics.to_dict() for name, metrics in val.items()}
+                record["val_groups"] = twins
+                if cfg.probe_videos and data.labels is not None and val_data.labels is not None:
+                    record["val_probes"] = _probe_summary(model, data, val_data, cfg.probe_videos)
                 # Keep what a search will use: reranked results once the mixed head is trained.
                 r1 = val[selection_metric(cfg)].r1
                 if r1 > best_r1:
@@ -298,9 +379,12 @@ def train(
             if progress:
                 progress(record)
             _write_checkpoint(model, out / "last", optimizer,
-                              {"step": step, "epoch": epoch + 1, "best_r1": best_r1, "best_epoch": best_epoch}, bank)
+                              {"step": step, "epoch": epoch + 1, "best_r1": best_r1, "best_epoch": best_epoch},
+                              bank, heads)
     finally:
         log.close()
+        if stream is not None:
+            stream.stop()
     if val_data is None:
         save_model(model, out / "best")
     return TrainResult(step, time.perf_counter() - began, best_epoch, best_r1, history)

@@ -441,6 +441,8 @@ class _DecordReader:
             stamps = self.reader.get_frame_timestamp(np.arange(count))[:, 0]
         except (decord.DECORDError, RuntimeError) as error:
             raise VideoDecodeError(path, f"decord: {_short(error)}") from None
+        except UnicodeEncodeError:  # a file name that is not UTF-8: PyAV opens those
+            raise VideoDecodeError(path, "decord: cannot open a file name that is not UTF-8") from None
         self.times = np.asarray(stamps, dtype=np.float64) - float(stamps[0])
 
     def read(self, span: Span, num_frames: int) -> list[np.ndarray]:

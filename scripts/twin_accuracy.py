@@ -25,8 +25,9 @@ from pvl_search.train import score_matrices
 
 
 def scores(model, data: PairSet) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    multi, mixed, owners = score_matrices(model, data)
-    return {"multi": multi, "mixed": mixed, "sum": multi + mixed}, np.asarray(owners)
+    by_method, owners = score_matrices(model, data)
+    by_method["sum"] = by_method["multi"] + by_method["mixed"]
+    return by_method, np.asarray(owners)
 
 
 def twin_report(score: np.ndarray, owners: np.ndarray, groups: np.ndarray) -> dict[str, float]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -35,40 +36,72 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on a free localhost port; yields a URL to a database."""
-    bin_dir = _pg_bin()
-    # initdb refuses to run as root: run the server as `postgres`, in a folder it owns
-    # (pytest's tmp folders are private to root, so use a fresh one under /tmp).
-    as_user: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="pvl-pg-"))
-    if os.geteuid() == 0:
-        as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(root, "postgres", "postgres")
-    data, log, port = root / "data", root / "server.log", _free_port()
+class PgCluster:
+    """A throwaway PostgreSQL cluster on a free localhost port, with a database `pvl_test`;
+    `stop()` kills it (immediate shutdown, as a crash would) and `start()` brings it back."""
 
-    def run(*cmd: str) -> None:
-        proc = subprocess.run([*as_user, *cmd], capture_output=True, text=True)
+    def __init__(self) -> None:
+        self.bin_dir = _pg_bin()
+        # initdb refuses to run as root: run the server as `postgres`, in a folder it owns
+        # (pytest's tmp folders are private to root, so use a fresh one under /tmp).
+        self.as_user: list[str] = []
+        self.root = Path(tempfile.mkdtemp(prefix="pvl-pg-"))
+        if os.geteuid() == 0:
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.root, "postgres", "postgres")
+        self.data, self.log, self.port = self.root / "data", self.root / "server.log", _free_port()
+        self._run(str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                  "--no-sync")
+        self.start()
+        admin = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE pvl_test")
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/pvl_test"
+
+    def _run(self, *cmd: str) -> None:
+        proc = subprocess.run([*self.as_user, *cmd], capture_output=True, text=True)
         if proc.returncode != 0:
             pytest.fail(f"{' '.join(cmd)} failed:\n{proc.stdout}{proc.stderr}", pytrace=False)
 
-    initdb = str(bin_dir / "initdb")
-    run(initdb, "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
-    # fsync off: the tests kill the client, never the server, so server durability is moot.
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start")
+    def start(self) -> None:
+        # fsync off: the tests kill the client (or the server on purpose), durability is moot.
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
+
+    def stop(self) -> None:
+        subprocess.run([*self.as_user, str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w",
+                        "stop"], capture_output=True)
+
+    def postmaster_pid(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a free localhost port; yields a URL to a database."""
+    cluster = PgCluster()
     try:
-        admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE pvl_test")
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/pvl_test"
+        yield cluster.url
     finally:
-        subprocess.run(
-            [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-            capture_output=True,
-        )
-        shutil.rmtree(root, ignore_errors=True)
+        cluster.remove()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PgCluster]:
+    """A PostgreSQL cluster of this test's own, to stop, freeze or kill without harming others."""
+    cluster = PgCluster()
+    try:
+        yield cluster
+    finally:
+        try:
+            os.kill(cluster.postmaster_pid(), signal.SIGCONT)  # in case the test froze it
+        except (OSError, ValueError):
+            pass
+        cluster.remove()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

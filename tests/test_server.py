@@ -41,8 +41,8 @@ VIDEOS = [
     ("yellow.mp4", (230, 220, 20), 2.5),
     ("stripes.mp4", None, 4.0),
 ]
-SEARCH_KEYS = {"query", "rerank", "truncated", "timings_ms", "hits"}
-HIT_KEYS = {"rank", "video_id", "path", "duration", "score", "best"}
+SEARCH_KEYS = {"query", "rerank", "truncated", "timings_ms", "hits", "dtype", "index_dtype"}
+HIT_KEYS = {"rank", "video_id", "path", "duration", "score", "best", "thumbnail_url", "video_url", "media_type"}
 SEGMENT_KEYS = {"segment_id", "start_s", "end_s", "retrieval_score", "rerank_score", "score"}
 
 
@@ -195,15 +195,8 @@ def test_filters(served: Served) -> None:
     assert served.search("anything", since="2999-01-01").json()["hits"] == []
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        {"k": 0}, {"k": MAX_K + 1}, {"k": "ten"}, {"rerank_k": 0}, {"rerank_k": 1001},
-        {"rerank": "both"}, {"fusion": "max"}, {"min_duration": -1}, {"since": "yesterday"},
-        {"q": "x" * (MAX_QUERY_CHARS + 1)}, {"q": None},
-    ],
-)
-def test_malformed_parameters_are_422(served: Served, params: dict) -> None:
+@pytest.mark.parametrize("params", [{"k": "ten"}, {"min_duration": "long"}, {"q": None}])
+def test_parameters_of_the_wrong_type_are_422(served: Served, params: dict) -> None:
     params = {"q": "a red square", **params}
     response = served.client.get("/search", params={k: v for k, v in params.items() if v is not None})
     assert response.status_code == 422
@@ -211,11 +204,28 @@ def test_malformed_parameters_are_422(served: Served, params: dict) -> None:
     assert any(err["loc"] == ["query", name] for err in response.json()["detail"])
 
 
+def test_a_422_does_not_echo_a_long_input_whole(served: Served) -> None:
+    response = served.client.get("/search", params={"q": "red", "k": "9" * 5000 + "x"})
+    assert response.status_code == 422
+    echoed = response.json()["detail"][0]["input"]
+    assert echoed.startswith("9999") and len(echoed) < 100
+
+
 @pytest.mark.parametrize(
     ("params", "words"),
     [
         ({"q": ""}, "empty"),
         ({"q": "  \t "}, "empty"),
+        ({"q": "x" * (MAX_QUERY_CHARS + 1)}, "at most 1000"),
+        ({"q": "red", "k": 0}, "k must be between 1 and 100"),
+        ({"q": "red", "k": MAX_K + 1}, "k must be between 1 and 100"),
+        ({"q": "red", "rerank_k": 0}, "rerank_k must be"),
+        ({"q": "red", "rerank_k": 1001}, "rerank_k must be"),
+        ({"q": "red", "rerank": "both"}, "rerank must be one of"),
+        ({"q": "red", "fusion": "max"}, "fusion must be one of"),
+        ({"q": "red", "min_duration": -1}, "min_duration must be"),
+        ({"q": "red", "max_duration": "nan"}, "max_duration must be"),
+        ({"q": "red", "since": "yesterday"}, "since must be an ISO 8601"),
         ({"q": "red", "rerank": "single", "rerank_k": MAX_SINGLE_RERANK_K + 1}, "rerank_k"),
         ({"q": "red", "min_duration": 3, "max_duration": 2}, "min_duration"),
     ],
@@ -223,7 +233,44 @@ def test_malformed_parameters_are_422(served: Served, params: dict) -> None:
 def test_refused_queries_are_400_with_a_clear_detail(served: Served, params: dict, words: str) -> None:
     response = served.client.get("/search", params=params)
     assert response.status_code == 400
-    assert set(response.json()) == {"detail"} and words in response.json()["detail"]
+    detail = response.json()["detail"]
+    assert set(response.json()) == {"detail"} and words in detail
+    assert len(detail) < 200  # names what is wrong without echoing a long input back
+
+
+# (CLI options, the same as HTTP parameters) -> None: both accept it, else words both give.
+SAME_RULES = [
+    ({"min-duration": "nan"}, "min_duration must be"),
+    ({"min-duration": "-1"}, "min_duration must be"),
+    ({"min-duration": "3", "max-duration": "2"}, "greater than max_duration"),
+    ({"rerank": "single", "rerank-k": "100"}, f"at most {MAX_SINGLE_RERANK_K} with rerank=single"),
+    ({"since": "yesterday"}, "since must be"),
+    ({"since": "1700000000"}, None),  # seconds since 1970
+    ({"since": "2026-12-02T12:00:00+14:00", "k": "3"}, None),
+]
+
+
+def test_the_cli_and_http_refuse_and_accept_the_same_requests(served: Served) -> None:
+    from test_indexer import pvl_search
+
+    def cli(options: dict) -> subprocess.CompletedProcess:
+        args = [f"-{k}" if len(k) == 1 else f"--{k}" for k in options]
+        flat = [item for pair in zip(args, options.values()) for item in pair]
+        return subprocess.run([pvl_search(), "search", "red", "--index", str(served.index_dir), "--model",
+                               str(served.model_dir), "--device", "cpu", "--json", *flat],
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    with ThreadPoolExecutor(len(SAME_RULES)) as pool:
+        commands = list(pool.map(cli, [options for options, _ in SAME_RULES]))
+    for (options, words), command in zip(SAME_RULES, commands):
+        response = served.search("red", **{k.replace("-", "_"): v for k, v in options.items()})
+        if words is None:
+            assert response.status_code == 200 and command.returncode == 0, (options, command.stderr)
+            assert len(command.stdout.splitlines()) == len(response.json()["hits"])
+            continue
+        assert response.status_code == 400 and words in response.json()["detail"], (options, response.text)
+        assert command.returncode == 1 and "Traceback" not in command.stderr, (options, command.stderr)
+        assert command.stderr.strip() == f"error: {response.json()['detail']}"  # the very same line
 
 
 def test_video_by_id(served: Served) -> None:
@@ -290,7 +337,7 @@ def test_unexpected_errors_are_500_without_details(
         def broken(*_args: object, **_kwargs: object) -> None:
             raise RuntimeError("secret internals at /some/path")
 
-        monkeypatch.setattr(searcher, "search", broken)
+        monkeypatch.setattr(searcher, "run_many", broken)  # what the server's batcher calls
         client = TestClient(create_app(searcher), raise_server_exceptions=False)
         with caplog.at_level(logging.ERROR, logger="pvl_search.server"):
             response = client.get("/search", params={"q": "red"})
