@@ -16,8 +16,7 @@ from .captions import load_captions
 from .config import ModelConfig
 from .model import PerceiverVL
 from .pairs import PairSet, build_frame_cache
-from .scene_labels import labels_from_meta, token_labels
-from .synth import Scene
+from .scene_labels import label_maps
 from .scene_stream import SceneStream, StreamSpec
 from .tokenizer import Tokenizer
 from .train import ProgressFn, TrainConfig, TrainResult, train
@@ -62,12 +61,15 @@ def load_pair_sets(
         items, cache_dir, frames=config.frames, size=config.frame_size, progress=cache_progress
     )
     tokenizer = Tokenizer(config.text_length)
-    datasets = {
-        split: PairSet(cache, {r.video_id: r.captions for r in rs}, tokenizer,
-                       groups={r.video_id: str(r.meta["group"]) for r in rs if "group" in r.meta},
-                       labels=_scene_labels(rs), token_labels=_token_labels(rs, config))
-        for split, rs in by_split.items()
-    }
+    datasets = {}
+    for split, rs in by_split.items():
+        # Records of the synthetic benchmark carry their scene: labels for the attribute losses.
+        synthetic = bool(rs) and all("scene" in r.meta for r in rs)
+        labels, dense = (label_maps({r.video_id: r.meta["scene"] for r in rs}, config.frames, config.frame_size,
+                                    config.patch) if synthetic else (None, None))
+        datasets[split] = PairSet(cache, {r.video_id: r.captions for r in rs}, tokenizer,
+                                  groups={r.video_id: str(r.meta["group"]) for r in rs if "group" in r.meta},
+                                  labels=labels, token_labels=dense)
     return datasets, failed
 
 
@@ -88,20 +90,6 @@ def corpus_seed(captions_path: str | Path) -> int:
         return int(json.loads(Path(captions_path).read_text())["generator"]["seed"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{captions_path}: not a `pvl-search synth` captions file (no generator seed)") from exc
-
-
-def _scene_labels(records: list) -> dict | None:
-    """{video_id: labels} for records of the synthetic benchmark (meta["scene"]), else None."""
-    labels = labels_from_meta([r.meta for r in records])
-    return None if labels is None else {r.video_id: row for r, row in zip(records, labels)}
-
-
-def _token_labels(records: list, config: ModelConfig) -> dict | None:
-    """{video_id: dense patch labels} for synthetic-benchmark records, else None."""
-    if not records or any("scene" not in r.meta for r in records):
-        return None
-    return {r.video_id: token_labels(Scene.from_dict(r.meta["scene"]), config.frames, config.frame_size, config.patch)
-            for r in records}
 
 
 def train_from_captions(

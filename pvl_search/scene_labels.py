@@ -13,7 +13,7 @@ that actor also have the alphabetically first shape of the two?).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,11 +83,17 @@ def scene_labels(scene: Scene) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
-def labels_from_meta(metas: Sequence[Mapping[str, Any]]) -> np.ndarray | None:
-    """(V, len(LABELS)) labels of caption-file records' `meta["scene"]`; None unless all have one."""
-    if not metas or any("scene" not in m for m in metas):
-        return None
-    return np.stack([scene_labels(Scene.from_dict(m["scene"])) for m in metas])
+def label_maps(
+    scenes: Mapping[str, Mapping[str, Any]], frames: int, size: int, patch: int | None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """Per key of `scenes` (scene dicts, as caption meta and stream chunks store them): its
+    scene labels, and its dense patch labels for a model of that frame count, frame size and
+    patch (None when `patch` is None). Each scene is parsed once for both."""
+    parsed = {key: Scene.from_dict(scene) for key, scene in scenes.items()}
+    labels = {key: scene_labels(scene) for key, scene in parsed.items()}
+    if patch is None:
+        return labels, None
+    return labels, {key: token_labels(scene, frames, size, patch) for key, scene in parsed.items()}
 
 
 # Dense labels of the video's input tokens: what covers each patch of each sampled frame.

@@ -12,7 +12,7 @@ with `pvl_search.video.read_clip` into the model's frames. Scenes never use the
 held-out test queries stay unseen combinations.
 
 On disk, `stream_dir/chunk-000012/` holds frames.npy, masks.npy, keys.json (a frame cache),
-and records.json (captions, group, scene labels, scene). Chunks appear atomically (written
+and records.json (captions, group, scene; labels are derived from the scene when read). Chunks appear atomically (written
 to a temporary folder, then renamed), so a reader never sees half of one.
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .pairs import FrameCache, PairSet
-from .scene_labels import scene_labels, token_labels
+from .scene_labels import label_maps
 from .synth import Scene, captions_for, group_variants, heldout_combinations, render_scene, sample_scene, write_mp4
 from .tokenizer import Tokenizer
 from .video import read_clip
@@ -130,12 +130,9 @@ def read_chunk(stream_dir: str | Path, spec: StreamSpec, chunk: int, tokenizer: 
     if info["spec"] != asdict(spec):
         raise ValueError(f"{folder}: written by another stream ({info['spec']}), not {asdict(spec)}")
     videos = info["videos"]
+    labels, dense = label_maps({v["key"]: v["scene"] for v in videos}, spec.model_frames, spec.model_size, patch)
     return PairSet(FrameCache.open(folder), {v["key"]: v["captions"] for v in videos}, tokenizer,
-                   groups={v["key"]: f"g{v['group']}" for v in videos},
-                   labels={v["key"]: scene_labels(Scene.from_dict(v["scene"])) for v in videos},
-                   token_labels=None if patch is None else {
-                       v["key"]: token_labels(Scene.from_dict(v["scene"]), spec.model_frames, spec.model_size, patch)
-                       for v in videos})
+                   groups={v["key"]: f"g{v['group']}" for v in videos}, labels=labels, token_labels=dense)
 
 
 def _writer_main(stream_dir: str, spec: StreamSpec, first: int, last: int, ahead: int, parent: int) -> None:
