@@ -375,7 +375,7 @@ def train(
     val_every: Annotated[int, typer.Option(help="Epochs between validations (the last one is always validated).", min=1)] = 1,
     retrieval_from: Annotated[int, typer.Option(help="Curriculum: train only the attribute losses until this epoch (1-based), then every loss (1 = all from the start).", min=1)] = 1,
     probe_videos: Annotated[int, typer.Option(help="At each validation, fit linear probes on this many training videos' embeddings and report per-attribute accuracy on validation (0 = off; needs scene metadata).", min=0)] = 0,
-    init: Annotated[Optional[str], typer.Option(help="clip:MODEL:PATH, e.g. clip:ViT-B-16:/models/vit_b16.safetensors.")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Start from weights: clip:MODEL:PATH (a local CLIP checkpoint, e.g. clip:ViT-B-16:/models/vit_b16.safetensors) or model:DIR (an own model folder of the same architecture, trained further on a fresh schedule).")] = None,
     train_only: Annotated[str, typer.Option(help="all, or cross (stage one after --init: CLIP parts frozen).")] = "all",
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,

@@ -92,6 +92,23 @@ def corpus_seed(captions_path: str | Path) -> int:
         raise ValueError(f"{captions_path}: not a `pvl-search synth` captions file (no generator seed)") from exc
 
 
+MODEL_INIT_PREFIX = "model:"
+
+
+def init_from_checkpoint(model: PerceiverVL, folder: str | Path) -> None:
+    """Start from an own checkpoint's weights with a fresh schedule (a longer or changed
+    recipe), unlike --resume, which continues the same run. The architectures must agree."""
+    from .checkpoint import load_model
+
+    source = load_model(folder)
+    if source.config != model.config:
+        mine, theirs = model.config.to_dict(), source.config.to_dict()
+        differ = [k for k in mine if mine[k] != theirs.get(k)]
+        raise ValueError(f"--init {MODEL_INIT_PREFIX}{folder}: its config differs in {', '.join(differ)} "
+                         f"(pass the same architecture options it was trained with)")
+    model.load_state_dict(source.state_dict())
+
+
 def train_from_captions(
     captions_path: str | Path,
     out_dir: str | Path,
@@ -110,7 +127,7 @@ def train_from_captions(
     """Train on the `train` split of a captions file, validating on `val` each epoch.
 
     `init` = "clip:MODEL:PATH" starts the self-attention stack from a local CLIP checkpoint
-    (paper 4.2); `train_only="cross"` then trains only what CLIP did not provide (stage one
+    (paper 4.2); "model:DIR" starts from an own checkpoint of the same architecture; `train_only="cross"` then trains only what CLIP did not provide (stage one
     of the paper's two-stage schedule). `limit` caps the videos per split (quick runs).
 
     With `stream`, training videos come fresh from the synthetic generator (scene_stream) and
@@ -128,7 +145,11 @@ def train_from_captions(
     torch.manual_seed(cfg.seed)
     model = PerceiverVL(config)
     trainable = None
-    if init:
+    if init and init.startswith(MODEL_INIT_PREFIX):
+        if train_only != "all":
+            raise ValueError("--train-only cross is stage one after a CLIP init; it does not apply to --init model:")
+        init_from_checkpoint(model, init[len(MODEL_INIT_PREFIX):])
+    elif init:
         from .clip_init import init_from_clip, parse_init_spec, trainable_parameters
 
         name, weights = parse_init_spec(init)

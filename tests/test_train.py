@@ -141,3 +141,19 @@ def test_cli_trains_on_a_synthetic_corpus_with_twin_groups(tmp_path) -> None:
 def test_mined_negatives_need_the_listwise_loss(pairs: PairSet, tmp_path) -> None:
     with pytest.raises(ValueError, match="mixed-nce"):
         run(pairs, tmp_path / "out", epochs=1, mined_negatives=2)
+
+
+def test_init_from_own_checkpoint_copies_weights_and_checks_the_architecture(tmp_path) -> None:
+    from pvl_search.checkpoint import save_model
+    from pvl_search.recipe import init_from_checkpoint
+
+    torch.manual_seed(1)
+    trained = PerceiverVL(CONFIG)
+    save_model(trained, tmp_path / "m")
+    torch.manual_seed(2)
+    fresh = PerceiverVL(CONFIG)
+    init_from_checkpoint(fresh, tmp_path / "m")
+    for (name, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="differs in temporal_kernel"):
+        init_from_checkpoint(PerceiverVL(CONFIG.replace(temporal_kernel=3)), tmp_path / "m")
