@@ -64,8 +64,8 @@ def profile(
     mixed-stream reranker per candidate (plain decoder vs. factorised rerank states)."""
     import torch
 
-    from pvl_search.config import preset
-    from pvl_search.profiling import profile_model
+    from pvl_search.model.config import preset
+    from pvl_search.model.profiling import profile_model
 
     try:
         cfg = preset(config)
@@ -122,8 +122,8 @@ AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable JSON outp
 
 def _domain_errors() -> tuple[type[Exception], ...]:
     from indexer.errors import IndexStoreError
-    from pvl_search.checkpoint import CheckpointError
-    from pvl_search.video import VideoDecodeError
+    from pvl_search.model.checkpoint import CheckpointError
+    from pvl_search.media.video import VideoDecodeError
 
     # OSError: disk full, a folder that cannot be read or written: one line like the rest.
     return (IndexStoreError, CheckpointError, VideoDecodeError, OSError, ValueError)
@@ -322,7 +322,7 @@ def synth(
     held-out combinations in test)."""
     from rich.progress import Progress
 
-    from pvl_search.synth import generate_corpus
+    from pvl_search.data.synth import generate_corpus
 
     try:
         with Progress(console=err_console, disable=as_json) as bar:
@@ -388,10 +388,10 @@ def train(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from indexer.encoding import pick_device
-    from pvl_search.config import preset
-    from pvl_search.losses import LossWeights
-    from pvl_search.recipe import StreamOptions, corpus_seed, train_from_captions
-    from pvl_search.train import TrainConfig
+    from pvl_search.model.config import preset
+    from pvl_search.training.losses import LossWeights
+    from pvl_search.training.recipe import StreamOptions, corpus_seed, train_from_captions
+    from pvl_search.training.loop import TrainConfig
 
     try:
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup, seed=seed,
@@ -508,8 +508,8 @@ def probe(
     """Linear probes: how well each scene attribute (each event's colour, shape, size and
     motion, event order, colour-shape binding) can be read off the model's video and text
     embeddings and pooled latents. Says why retrieval fails where R@1 only says that it does."""
-    from pvl_search.probes import probe_model
-    from pvl_search.scene_labels import LABEL_NAMES
+    from pvl_search.experiments.probes import probe_model
+    from pvl_search.data.scene_labels import LABEL_NAMES
 
     try:
         runner = _load_runner(model, "cpu", dtype="float32")  # probes fit on float32 features, as before
@@ -536,7 +536,7 @@ def probe(
 
 
 def _attribute_chance(row: dict) -> dict:
-    from pvl_search.probes import attribute_means
+    from pvl_search.experiments.probes import attribute_means
 
     return row | attribute_means(row)
 
@@ -604,8 +604,8 @@ def demo(
     from indexer.index_store import IndexStore
     from indexer.pipeline import build_index
     from indexer.searcher import Searcher
-    from pvl_search.captions import load_captions
-    from pvl_search.synth import generate_corpus
+    from pvl_search.data.captions import load_captions
+    from pvl_search.data.synth import generate_corpus
 
     try:
         runner = _load_runner(model, None)

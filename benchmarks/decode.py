@@ -1,6 +1,6 @@
 """Decoding throughput: videos/s for 8 frames sampled uniformly per video, all ratios from one run.
 
-Compares, on the same files: decord through `pvl_search.video` (the default backend), our PyAV
+Compares, on the same files: decord through `pvl_search.media.video` (the default backend), our PyAV
 backend, a plain PyAV seek-and-decode loop (what one would write without decord), and the
 `DecodePool` with 2 single-thread workers against 1 in-process decoder with 1 and 2 threads.
 The files are made here in a temporary folder: short clips (128x128, 3 s, 30 fps) and long
@@ -27,8 +27,8 @@ import av  # noqa: E402
 import numpy as np  # noqa: E402
 from media import write_video  # noqa: E402
 
-from pvl_search.decode_pool import DecodePool  # noqa: E402
-from pvl_search.video import _scaled_size, _square, probe, read_clip  # noqa: E402
+from pvl_search.media.decode_pool import DecodePool  # noqa: E402
+from pvl_search.media.video import _scaled_size, _square, probe, read_clip  # noqa: E402
 
 FRAMES = 8
 
@@ -99,9 +99,9 @@ def main() -> None:
             info = probe(group[0])
             label = f"{name} ({len(group)} x {info.width}x{info.height}, {info.duration:g} s)"
             for row, decode in [
-                ("decord, 1 thread (pvl_search.video)", lambda p: read_clip(p, None, FRAMES, size, backend="decord")),
+                ("decord, 1 thread (pvl_search.media.video)", lambda p: read_clip(p, None, FRAMES, size, backend="decord")),
                 ("decord, 2 threads", lambda p: read_clip(p, None, FRAMES, size, backend="decord", threads=2)),
-                ("PyAV backend, 1 thread (pvl_search.video)", lambda p: read_clip(p, None, FRAMES, size, backend="pyav")),
+                ("PyAV backend, 1 thread (pvl_search.media.video)", lambda p: read_clip(p, None, FRAMES, size, backend="pyav")),
                 ("plain PyAV seek-and-decode loop, 1 thread", lambda p: plain_pyav(p, size)),
             ]:  # fmt: skip
                 rows.setdefault(row, {})[label] = rate(group, decode)

@@ -90,9 +90,9 @@ def main() -> None:
 
     from indexer.encoding import ModelRunner
     from indexer.searcher import Searcher
-    from pvl_search.checkpoint import save_model
-    from pvl_search.config import preset
-    from pvl_search.model import PerceiverVL
+    from pvl_search.model.checkpoint import save_model
+    from pvl_search.model.config import preset
+    from pvl_search.model.perceiver import PerceiverVL
 
     began = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:

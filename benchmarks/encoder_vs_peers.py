@@ -21,7 +21,7 @@ below 1 means the threads waited (other load). bfloat16 casts the weights
 (model.to(bf16)); its cosine is against the float32 embedding of the same model.
 
 FLOPs (2 per multiply-add), all from torch.utils.flop_counter through
-pvl_search.profiling.count_flops:
+pvl_search.model.profiling.count_flops:
   ours   counted directly (count_flops runs attention as explicit matmuls).
   vit    the counter does not see nn.MultiheadAttention's fused inference path at all (not
          even its q/k/v/out projections), so it counts with that fast path switched off
@@ -58,10 +58,10 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pvl_search.config import preset  # noqa: E402
-from pvl_search.layers import SelfAttentionBlock  # noqa: E402
-from pvl_search.model import PerceiverVL, count_parameters  # noqa: E402
-from pvl_search.profiling import count_flops  # noqa: E402
+from pvl_search.model.config import preset  # noqa: E402
+from pvl_search.model.layers import SelfAttentionBlock  # noqa: E402
+from pvl_search.model.perceiver import PerceiverVL, count_parameters  # noqa: E402
+from pvl_search.model.profiling import count_flops  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 NAMES = {"ours": "(A) ours: Perceiver-VL base", "vit": "(B) ViT-B/32 per frame", "joint": "(C) joint space-time"}
@@ -72,7 +72,7 @@ class JointSpaceTimeEncoder(nn.Module):
     """Patch embedding + `depth` standard pre-norm transformer layers over all F * g * g
     patch tokens at once (attention cost quadratic in F), mean-pooled and projected.
 
-    Uses the same layer class as ours' latent self-attention (pvl_search.layers), so the
+    Uses the same layer class as ours' latent self-attention (pvl_search.model.layers), so the
     comparison is about the architecture, not kernels.
     """
 

@@ -43,11 +43,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from media import write_video  # noqa: E402
 
-from pvl_search.checkpoint import save_model  # noqa: E402
-from pvl_search.config import preset  # noqa: E402
-from pvl_search.decode_pool import DecodePool  # noqa: E402
-from pvl_search.model import PerceiverVL  # noqa: E402
-from pvl_search.video import Windows  # noqa: E402
+from pvl_search.model.checkpoint import save_model  # noqa: E402
+from pvl_search.model.config import preset  # noqa: E402
+from pvl_search.media.decode_pool import DecodePool  # noqa: E402
+from pvl_search.model.perceiver import PerceiverVL  # noqa: E402
+from pvl_search.media.video import Windows  # noqa: E402
 
 if TYPE_CHECKING:
     from indexer.encoding import ModelRunner

@@ -70,11 +70,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from indexer.row_store import RowStore  # noqa: E402
 from indexer.vector_index import VectorIndex  # noqa: E402
-from pvl_search.config import preset  # noqa: E402
-from pvl_search.model import PerceiverVL  # noqa: E402
-from pvl_search.profiling import count_flops  # noqa: E402
-from pvl_search.tokenizer import Tokenizer  # noqa: E402
-from pvl_search.video import to_model_input  # noqa: E402
+from pvl_search.model.config import preset  # noqa: E402
+from pvl_search.model.perceiver import PerceiverVL  # noqa: E402
+from pvl_search.model.profiling import count_flops  # noqa: E402
+from pvl_search.model.tokenizer import Tokenizer  # noqa: E402
+from pvl_search.media.video import to_model_input  # noqa: E402
 
 SUBJECTS = ("a man", "a woman", "two children", "a dog", "a chef", "a cyclist", "a band", "a cat")
 ACTIONS = ("rides a red bicycle", "cooks pasta", "plays guitar", "runs along", "dances", "paints a wall",

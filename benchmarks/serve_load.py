@@ -73,9 +73,9 @@ def make_corpus(root: Path, config: str, videos: int, dtype: str) -> tuple[Path,
     import torch
     from media import write_video
 
-    from pvl_search.checkpoint import save_model
-    from pvl_search.config import preset
-    from pvl_search.model import PerceiverVL
+    from pvl_search.model.checkpoint import save_model
+    from pvl_search.model.config import preset
+    from pvl_search.model.perceiver import PerceiverVL
 
     torch.manual_seed(0)
     model_dir = save_model(PerceiverVL(preset(config)), root / f"model-{config}")

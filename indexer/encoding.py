@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 from indexer.precision import DtypeChoice, choose_dtype, dtype_name
-from pvl_search.checkpoint import load_model, load_search_defaults, weights_fingerprint
-from pvl_search.model import PerceiverVL
-from pvl_search.tokenizer import Tokenizer
-from pvl_search.video import to_model_input
+from pvl_search.model.checkpoint import load_model, load_search_defaults, weights_fingerprint
+from pvl_search.model.perceiver import PerceiverVL
+from pvl_search.model.tokenizer import Tokenizer
+from pvl_search.media.video import to_model_input
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "pvl_search" / "weights" / "tiny-synth"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "pvl_search" / "model" / "weights" / "tiny-synth"
 log = logging.getLogger("pvl_search.encoding")
 
 

@@ -48,9 +48,9 @@ import numpy as np
 from indexer.encoding import ModelRunner
 from indexer.index_store import IndexStore
 from indexer.searcher import Searcher
-from pvl_search.captions import SPLITS, load_captions
+from pvl_search.data.captions import SPLITS, load_captions
 from pvl_search.metrics import PairedChange, RetrievalMetrics, paired_top1_change, ranks_from_scores, retrieval_metrics
-from pvl_search.video import VideoDecodeError, read_clips
+from pvl_search.media.video import VideoDecodeError, read_clips
 
 MULTI, MIXED, LATENT, SINGLE, EXHAUSTIVE = "multi", "mixed", "latent", "single", "single-exhaustive"
 DEFAULT_RERANK_KS = (8, 16, 32, 64, 128)

@@ -14,7 +14,7 @@ from indexer.paths import from_stored
 from indexer.schema import Segment, Video, VideoStatus
 from indexer.thumbnail_store import MEDIA_TYPE as THUMBNAIL_MEDIA_TYPE
 
-# By extension (the indexer's list, pvl_search.video): Python's mimetypes depends on the
+# By extension (the indexer's list, pvl_search.media.video): Python's mimetypes depends on the
 # machine's tables and misses several of these.
 MEDIA_TYPES = {
     ".mp4": "video/mp4", ".m4v": "video/mp4", ".mkv": "video/x-matroska", ".webm": "video/webm",

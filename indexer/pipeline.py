@@ -25,10 +25,10 @@ from indexer.errors import IndexStoreError
 from indexer.index_store import IndexLayout, IndexStore, KnownVideo, SegmentInfo, VideoInfo, fingerprint_file
 from indexer.paths import shown
 from indexer.schema import VideoStatus
-from pvl_search.config import ModelConfig
-from pvl_search.decode_pool import DecodedVideo, DecodePool
-from pvl_search.thumbnails import clip_thumbnail
-from pvl_search.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Backend, VideoDecodeError, Windows
+from pvl_search.model.config import ModelConfig
+from pvl_search.media.decode_pool import DecodedVideo, DecodePool
+from pvl_search.media.thumbnails import clip_thumbnail
+from pvl_search.media.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Backend, VideoDecodeError, Windows
 
 MEDIA_EXTENSIONS = frozenset(VIDEO_EXTENSIONS) | frozenset(IMAGE_EXTENSIONS)
 

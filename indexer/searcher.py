@@ -31,7 +31,7 @@ from indexer.request import (  # noqa: F401 - the request names stay importable 
     search_request,
 )
 from indexer.schema import Segment, Video, VideoStatus
-from pvl_search.video import VideoDecodeError, read_clips
+from pvl_search.media.video import VideoDecodeError, read_clips
 
 
 @dataclass

@@ -20,13 +20,13 @@ import time
 import numpy as np
 import torch
 
-from pvl_search.captions import load_captions
-from pvl_search.config import preset
-from pvl_search.losses import LossWeights
-from pvl_search.model import PerceiverVL
-from pvl_search.pairs import PairSet, build_frame_cache
-from pvl_search.tokenizer import Tokenizer
-from pvl_search.train import TrainConfig, train
+from pvl_search.data.captions import load_captions
+from pvl_search.model.config import preset
+from pvl_search.training.losses import LossWeights
+from pvl_search.model.perceiver import PerceiverVL
+from pvl_search.training.pairs import PairSet, build_frame_cache
+from pvl_search.model.tokenizer import Tokenizer
+from pvl_search.training.loop import TrainConfig, train
 from twin_accuracy import scores, twin_report
 
 

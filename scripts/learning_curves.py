@@ -4,7 +4,7 @@ Three panels against samples seen: validation R@1 of retrieval alone and of each
 twin-group diagnostics (group R@1, within-group top-1) of retrieval; linear-probe accuracy of
 the video and text embeddings per attribute (when the run logged probes).
 
-    python scripts/learning_curves.py /work/runs/long1/log.jsonl pvl_search/weights/tiny-synth/curves.png
+    python scripts/learning_curves.py /work/runs/long1/log.jsonl pvl_search/model/weights/tiny-synth/curves.png
 """
 
 from __future__ import annotations

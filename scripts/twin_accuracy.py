@@ -6,7 +6,7 @@ and is its group the top-scoring group (group R@1)? And against each kind of twi
 (order swapped, colours swapped), how often does its own video score higher (chance 50)? Scores: multi-stream similarity, mixed-
 stream logit, and their sum (what `pvl-search search` ranks reranked candidates by).
 
-    python scripts/twin_accuracy.py --model pvl_search/weights/tiny-synth \
+    python scripts/twin_accuracy.py --model pvl_search/model/weights/tiny-synth \
         --captions /work/data/synth2000/captions.json --split test --cache /tmp/test-cache
 """
 
@@ -17,11 +17,11 @@ import json
 
 import numpy as np
 
-from pvl_search.captions import load_captions
-from pvl_search.checkpoint import load_model
-from pvl_search.pairs import PairSet, build_frame_cache
-from pvl_search.tokenizer import Tokenizer
-from pvl_search.train import score_matrices
+from pvl_search.data.captions import load_captions
+from pvl_search.model.checkpoint import load_model
+from pvl_search.training.pairs import PairSet, build_frame_cache
+from pvl_search.model.tokenizer import Tokenizer
+from pvl_search.training.loop import score_matrices
 
 
 def scores(model, data: PairSet) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from pvl_search.attribute_heads import AttributeHeads
-from pvl_search.config import preset
-from pvl_search.losses import LossWeights, compute_losses
-from pvl_search.model import PerceiverVL
-from pvl_search.pairs import FrameCache, PairSet
-from pvl_search.probes import fit_probe, probe_features, run_probes
-from pvl_search.scene_labels import LABEL_NAMES, LABELS, TEXT_LABELS, scene_labels
-from pvl_search.synth import binding_swapped, group_variants, order_swapped, sample_scene
-from pvl_search.tokenizer import Tokenizer
+from pvl_search.training.attribute_heads import AttributeHeads
+from pvl_search.model.config import preset
+from pvl_search.training.losses import LossWeights, compute_losses
+from pvl_search.model.perceiver import PerceiverVL
+from pvl_search.training.pairs import FrameCache, PairSet
+from pvl_search.experiments.probes import fit_probe, probe_features, run_probes
+from pvl_search.data.scene_labels import LABEL_NAMES, LABELS, TEXT_LABELS, scene_labels
+from pvl_search.data.synth import binding_swapped, group_variants, order_swapped, sample_scene
+from pvl_search.model.tokenizer import Tokenizer
 
 CONFIG = preset("tiny").replace(hidden=64, heads=4, latents=8, frame_size=32, patch=8, frames=4, token_dim=16,
                                 layerdrop=0.0, embed_dim=32)
@@ -120,8 +120,8 @@ def test_latent_reranker_batched_scores_equal_one_at_a_time() -> None:
 
 # ---------------------------------------------------------------------------- scene stream
 
-from pvl_search.scene_stream import SceneStream, StreamSpec, group_scenes, read_chunk, write_chunk  # noqa: E402
-from pvl_search.synth import heldout_combinations  # noqa: E402
+from pvl_search.data.scene_stream import SceneStream, StreamSpec, group_scenes, read_chunk, write_chunk  # noqa: E402
+from pvl_search.data.synth import heldout_combinations  # noqa: E402
 
 SPEC = StreamSpec(seed=3, heldout_seed=0, groups_per_chunk=2, size=48, fps=8, seconds=1.5, model_frames=4,
                   model_size=32)
@@ -160,7 +160,7 @@ def test_stream_must_not_share_the_evaluation_seed(tmp_path) -> None:
 
 
 def test_training_on_a_stream_resumes_exactly(tmp_path) -> None:
-    from pvl_search.train import TrainConfig, train
+    from pvl_search.training.loop import TrainConfig, train
 
     class Interrupted(Exception):
         pass
@@ -189,9 +189,9 @@ def test_training_on_a_stream_resumes_exactly(tmp_path) -> None:
 
 
 def test_token_labels_mark_the_patches_each_object_covers() -> None:
-    from pvl_search.scene_labels import TOKEN_BACKGROUND, TOKEN_STATIC, token_labels
-    from pvl_search.synth import MOTIONS, SHAPES, object_state
-    from pvl_search.video import sample_positions
+    from pvl_search.data.scene_labels import TOKEN_BACKGROUND, TOKEN_STATIC, token_labels
+    from pvl_search.data.synth import MOTIONS, SHAPES, object_state
+    from pvl_search.media.video import sample_positions
 
     scene = sample_scene(np.random.default_rng(1), 24)
     labels = token_labels(scene, 8, 64, 8)  # (frames, 64 patches, 2)
@@ -223,7 +223,7 @@ def test_stream_writer_exits_when_its_trainer_is_killed(tmp_path) -> None:
 
     script = (
         "import sys, time\n"
-        "from pvl_search.scene_stream import SceneStream, StreamSpec\n"
+        "from pvl_search.data.scene_stream import SceneStream, StreamSpec\n"
         f"spec = StreamSpec(seed=3, heldout_seed=0, groups_per_chunk=64, size=48, fps=8, seconds=1.5,"
         f" model_frames=4, model_size=32)\n"
         f"stream = SceneStream({str(tmp_path)!r}, spec, 24)\n"
@@ -250,7 +250,7 @@ def test_stream_writer_exits_when_its_trainer_is_killed(tmp_path) -> None:
 def test_curriculum_trains_attributes_alone_first(tmp_path) -> None:
     import json
 
-    from pvl_search.train import TrainConfig, train
+    from pvl_search.training.loop import TrainConfig, train
 
     torch.manual_seed(0)
     pairs = labelled_pairs(8)

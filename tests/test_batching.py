@@ -31,9 +31,9 @@ from indexer.encoding import ModelRunner
 from indexer.index_store import IndexStore
 from indexer.pipeline import IndexOptions, build_index
 from indexer.searcher import Searcher
-from pvl_search.checkpoint import save_model
-from pvl_search.config import preset
-from pvl_search.model import PerceiverVL
+from pvl_search.model.checkpoint import save_model
+from pvl_search.model.config import preset
+from pvl_search.model.perceiver import PerceiverVL
 from server import create_app
 
 OPTIONS = IndexOptions(window_s=2.0, stride_s=1.0, workers=1, thumbnails=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pvl_search.captions import CaptionRecord, load_captions, write_captions
+from pvl_search.data.captions import CaptionRecord, load_captions, write_captions
 
 
 def touch(path: Path) -> Path:

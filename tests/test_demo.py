@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from indexer.encoding import DEFAULT_MODEL_DIR
-from pvl_search.checkpoint import load_model
+from pvl_search.model.checkpoint import load_model
 
 
 def test_shipped_model_loads_and_has_its_card() -> None:

@@ -30,10 +30,10 @@ from indexer.evaluation import (
 from indexer.index_store import FAISS_FILE, IndexStore
 from indexer.pipeline import IndexOptions, build_index
 from indexer.searcher import Searcher
-from pvl_search.checkpoint import save_model
-from pvl_search.config import preset
+from pvl_search.model.checkpoint import save_model
+from pvl_search.model.config import preset
 from pvl_search.metrics import ranks_from_scores
-from pvl_search.model import PerceiverVL
+from pvl_search.model.perceiver import PerceiverVL
 
 # ------------------------------------------------------------------ rank logic, by hand
 

@@ -32,11 +32,11 @@ from indexer.pipeline import IndexOptions, IndexSummary, build_index
 from indexer.row_store import HEADER_SIZE
 from indexer.schema import Segment, Video
 from media import truncate, write_image, write_video
-from pvl_search.checkpoint import save_model, weights_fingerprint
-from pvl_search.config import preset
-from pvl_search.decode_pool import DecodePool
-from pvl_search.model import PerceiverVL
-from pvl_search.video import Windows
+from pvl_search.model.checkpoint import save_model, weights_fingerprint
+from pvl_search.model.config import preset
+from pvl_search.media.decode_pool import DecodePool
+from pvl_search.model.perceiver import PerceiverVL
+from pvl_search.media.video import Windows
 
 # Small enough that encoding is instant; the pipeline does not care about the size.
 CONFIG = preset("tiny").replace(

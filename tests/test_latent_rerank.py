@@ -19,9 +19,9 @@ from indexer.index_store import IndexStore
 from indexer.pipeline import IndexOptions, build_index
 from indexer.request import SearchError
 from indexer.searcher import Searcher
-from pvl_search.checkpoint import CheckpointError, load_search_defaults, save_model
-from pvl_search.config import preset
-from pvl_search.model import PerceiverVL
+from pvl_search.model.checkpoint import CheckpointError, load_search_defaults, save_model
+from pvl_search.model.config import preset
+from pvl_search.model.perceiver import PerceiverVL
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 30), (20, 20, 20), (230, 230, 230)]
 CAPTIONS = [["a red screen"], ["green stripes"], ["a blue square", "blue"], ["yellow flashes"], ["dark"], ["white"]]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pvl_search.checkpoint import CheckpointError, load_model, save_model, weights_fingerprint
-from pvl_search.config import ModelConfig, preset
-from pvl_search.model import PerceiverVL
-from pvl_search.profiling import count_flops, profile_model
-from pvl_search.tokenizer import Tokenizer
+from pvl_search.model.checkpoint import CheckpointError, load_model, save_model, weights_fingerprint
+from pvl_search.model.config import ModelConfig, preset
+from pvl_search.model.perceiver import PerceiverVL
+from pvl_search.model.profiling import count_flops, profile_model
+from pvl_search.model.tokenizer import Tokenizer
 
 # Smaller than `tiny` so that each test runs in well under a second on 2 cores.
 MICRO = preset("tiny").replace(hidden=64, heads=4, latents=8, frame_size=32, patch=8, frames=4, token_dim=16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pvl_search.negative_bank import NegativeBank
+from pvl_search.training.negative_bank import NegativeBank
 
 
 def test_mines_the_most_similar_filled_videos_outside_the_batch() -> None:

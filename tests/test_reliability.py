@@ -40,8 +40,8 @@ from indexer.pipeline import IndexOptions, build_index
 from indexer.request import search_request
 from indexer.schema import Video
 from indexer.searcher import Searcher
-from pvl_search.checkpoint import save_model
-from pvl_search.model import PerceiverVL
+from pvl_search.model.checkpoint import save_model
+from pvl_search.model.perceiver import PerceiverVL
 
 REPO = Path(__file__).resolve().parent.parent
 OPTIONS = IndexOptions(window_s=10.0, stride_s=5.0, batch_size=4, workers=1, timeout_s=30.0)

@@ -25,9 +25,9 @@ from indexer.encoding import ModelRunner
 from indexer.index_store import IndexStore
 from indexer.pipeline import IndexOptions, build_index
 from indexer.searcher import Searcher
-from pvl_search.checkpoint import save_model
-from pvl_search.config import preset
-from pvl_search.model import PerceiverVL
+from pvl_search.model.checkpoint import save_model
+from pvl_search.model.config import preset
+from pvl_search.model.perceiver import PerceiverVL
 from indexer.errors import IndexStoreError
 from server import MAX_K, MAX_QUERY_CHARS, MAX_SINGLE_RERANK_K, create_app, serve
 

@@ -14,8 +14,8 @@ import av
 import numpy as np
 import pytest
 
-from pvl_search.captions import load_captions
-from pvl_search.synth import COLOURS, CorpusSummary, generate_corpus, load_scene, render_scene
+from pvl_search.data.captions import load_captions
+from pvl_search.data.synth import COLOURS, CorpusSummary, generate_corpus, load_scene, render_scene
 
 N, SEED, SIZE, FPS, FRAMES = 48, 7, 128, 8, 24
 

@@ -22,10 +22,10 @@ from indexer.encoding import ModelRunner
 from indexer.index_store import THUMBNAILS_DIR, IndexStore
 from indexer.pipeline import IndexOptions, build_index
 from media import write_image, write_video
-from pvl_search.checkpoint import save_model
-from pvl_search.config import preset
-from pvl_search.model import PerceiverVL
-from pvl_search.thumbnails import THUMBNAIL_WIDTH, clip_thumbnail, encode_jpeg, keyframe
+from pvl_search.model.checkpoint import save_model
+from pvl_search.model.config import preset
+from pvl_search.model.perceiver import PerceiverVL
+from pvl_search.media.thumbnails import THUMBNAIL_WIDTH, clip_thumbnail, encode_jpeg, keyframe
 
 CONFIG = preset("tiny").replace(
     hidden=64, heads=4, latents=8, blocks=1, self_layers=1, frame_size=32, patch=8, frames=4,

@@ -19,8 +19,8 @@ import pytest
 import torch
 from media import CODEC_CONTAINERS, frame_index_of, truncate, write_image, write_video
 
-from pvl_search.decode_pool import DecodePool
-from pvl_search.video import (
+from pvl_search.media.decode_pool import DecodePool
+from pvl_search.media.video import (
     Windows,
     CLIP_MEAN,
     CLIP_STD,

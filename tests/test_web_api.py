@@ -29,9 +29,9 @@ from indexer.pipeline import IndexOptions, build_index
 from indexer.schema import Video
 from indexer.searcher import Searcher
 from media import write_image, write_video
-from pvl_search.checkpoint import save_model
-from pvl_search.config import preset
-from pvl_search.model import PerceiverVL
+from pvl_search.model.checkpoint import save_model
+from pvl_search.model.config import preset
+from pvl_search.model.perceiver import PerceiverVL
 from pvl_web import STATIC_DIR
 from pvl_web.auth import COOKIE, is_loopback
 from server import create_app, serve

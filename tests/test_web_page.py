@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from media import write_video
 
-from pvl_search.synth import generate_corpus
+from pvl_search.data.synth import generate_corpus
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from .captions import load_captions
-from .config import ModelConfig
-from .model import PerceiverVL
-from .pairs import PairSet, build_frame_cache
-from .scene_labels import label_maps
-from .scene_stream import SceneStream, StreamSpec
-from .tokenizer import Tokenizer
-from .train import ProgressFn, TrainConfig, TrainResult, train
+from pvl_search.data.captions import load_captions
+from pvl_search.model.config import ModelConfig
+from pvl_search.model.perceiver import PerceiverVL
+from pvl_search.training.pairs import PairSet, build_frame_cache
+from pvl_search.data.scene_labels import label_maps
+from pvl_search.data.scene_stream import SceneStream, StreamSpec
+from pvl_search.model.tokenizer import Tokenizer
+from pvl_search.training.loop import ProgressFn, TrainConfig, TrainResult, train
 
 
 @dataclass
@@ -75,7 +75,7 @@ def load_pair_sets(
 
 @dataclass
 class StreamOptions:
-    """Train on fresh generated videos (pvl_search.scene_stream) instead of a captions file's train split."""
+    """Train on fresh generated videos (pvl_search.data.scene_stream) instead of a captions file's train split."""
 
     seed: int  # the stream's seed
     heldout_seed: int  # seed of the evaluation corpus: its held-out triples never appear
@@ -98,7 +98,7 @@ MODEL_INIT_PREFIX = "model:"
 def init_from_checkpoint(model: PerceiverVL, folder: str | Path) -> None:
     """Start from an own checkpoint's weights with a fresh schedule (a longer or changed
     recipe), unlike --resume, which continues the same run. The architectures must agree."""
-    from .checkpoint import load_model
+    from pvl_search.model.checkpoint import load_model
 
     source = load_model(folder)
     if source.config != model.config:
@@ -150,7 +150,7 @@ def train_from_captions(
             raise ValueError("--train-only cross is stage one after a CLIP init; it does not apply to --init model:")
         init_from_checkpoint(model, init[len(MODEL_INIT_PREFIX):])
     elif init:
-        from .clip_init import init_from_clip, parse_init_spec, trainable_parameters
+        from pvl_search.training.clip_init import init_from_clip, parse_init_spec, trainable_parameters
 
         name, weights = parse_init_spec(init)
         report = init_from_clip(model, name, weights)

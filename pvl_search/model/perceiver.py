@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
-from .embeddings import TEXT, VIDEO, TextEmbedding, VideoEmbedding
-from .layers import MLP, CrossAttentionBlock, SelfAttentionBlock, split_heads
+from pvl_search.model.config import ModelConfig
+from pvl_search.model.embeddings import TEXT, VIDEO, TextEmbedding, VideoEmbedding
+from pvl_search.model.layers import MLP, CrossAttentionBlock, SelfAttentionBlock, split_heads
 
 
 @dataclass
@@ -187,7 +187,7 @@ class PerceiverVL(nn.Module):
     def encode_text(
         self, token_ids: Tensor, *, cross_layers: int | None = None, replace_mask: Tensor | None = None
     ) -> Encoding:
-        """token_ids (B, L) from pvl_search.tokenizer; id 0 is padding."""
+        """token_ids (B, L) from pvl_search.model.tokenizer; id 0 is padding."""
         latents = self.encoder(*self.text_inputs(token_ids, replace_mask), cross_layers)
         return Encoding(latents, self._embed(latents, self.text_proj))
 

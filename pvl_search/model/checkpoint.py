@@ -11,8 +11,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
-from .model import PerceiverVL
+from pvl_search.model.config import ModelConfig
+from pvl_search.model.perceiver import PerceiverVL
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

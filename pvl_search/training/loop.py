@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .attribute_heads import AttributeHeads
-from .checkpoint import load_state, save_model
-from .losses import LossWeights, compute_losses
-from .metrics import RetrievalMetrics, group_metrics, ranks_after_rerank, ranks_from_scores, retrieval_metrics
-from .model import PerceiverVL
-from .negative_bank import NegativeBank
-from .pairs import PairSet
-from .scene_stream import SceneStream
+from pvl_search.training.attribute_heads import AttributeHeads
+from pvl_search.model.checkpoint import load_state, save_model
+from pvl_search.training.losses import LossWeights, compute_losses
+from pvl_search.metrics import RetrievalMetrics, group_metrics, ranks_after_rerank, ranks_from_scores, retrieval_metrics
+from pvl_search.model.perceiver import PerceiverVL
+from pvl_search.training.negative_bank import NegativeBank
+from pvl_search.training.pairs import PairSet
+from pvl_search.data.scene_stream import SceneStream
 
 TRAIN_STATE_FILE = "train_state.safetensors"
 BANK_FILE = "negative_bank.safetensors"
@@ -50,7 +50,7 @@ class TrainConfig:
     # contrastive loss ignores same-group pairs (see losses.compute_losses).
     rerank_only_groups: bool = False
     # Extra negatives per caption for the listwise mixed-stream loss, mined from a bank of
-    # every training video's latest embedding (pvl_search.negative_bank); 0 = none.
+    # every training video's latest embedding (pvl_search.training.negative_bank); 0 = none.
     mined_negatives: int = 0
     losses: LossWeights = field(default_factory=LossWeights)
     device: str = "cpu"
@@ -59,7 +59,7 @@ class TrainConfig:
     # losses off), so the encoders learn shape, motion and order before a contrastive loss can
     # settle on colour alone. 0 = every loss from the start.
     retrieval_from: int = 0
-    # Linear probes at each validation (pvl_search.probes): fitted on this many training
+    # Linear probes at each validation (pvl_search.experiments.probes): fitted on this many training
     # videos' embeddings, scored on the validation videos; 0 = off. Needs scene labels.
     probe_videos: int = 0
 
@@ -236,8 +236,8 @@ def _write_checkpoint(
 
 def _probe_summary(model: PerceiverVL, train_data: PairSet, val_data: PairSet, videos: int) -> dict:
     """Per-attribute probe accuracy of both embeddings, fitted on `videos` training videos."""
-    from .pairs import subset
-    from .probes import run_probes, probe_features
+    from pvl_search.training.pairs import subset
+    from pvl_search.experiments.probes import run_probes, probe_features
 
     report = run_probes(probe_features(model, subset(train_data, range(min(videos, len(train_data))))),
                         probe_features(model, val_data), features=("video_embedding", "text_embedding"))

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
-from .layers import SelfAttentionBlock
+from pvl_search.model.config import ModelConfig
+from pvl_search.model.layers import SelfAttentionBlock
 
 VIDEO, TEXT = 0, 1  # rows of the modality embedding
 PAD_ID = 0  # open_clip pads with id 0

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import CLIP_VOCAB_SIZE
-from .embeddings import PAD_ID
-from .attribute_heads import AttributeHeads
-from .model import Encoding, PerceiverVL
-from .negative_bank import NegativeBank
+from pvl_search.model.config import CLIP_VOCAB_SIZE
+from pvl_search.model.embeddings import PAD_ID
+from pvl_search.training.attribute_heads import AttributeHeads
+from pvl_search.model.perceiver import Encoding, PerceiverVL
+from pvl_search.training.negative_bank import NegativeBank
 
 
 @dataclass
@@ -29,7 +29,7 @@ class LossWeights:
     mlm_probability: float = 0.15
     # Listwise loss of the latent reranker (config.latent_reranker) over all in-batch pairs.
     latent_nce: float = 0.0
-    # Auxiliary attribute heads on both embeddings (pvl_search.attribute_heads); needs scene labels.
+    # Auxiliary attribute heads on both embeddings (pvl_search.training.attribute_heads); needs scene labels.
     attributes: float = 0.0
     # Dense heads on the video input tokens: each patch's shape and motion; needs scene labels.
     token_attributes: float = 0.0

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .tokenizer import Tokenizer
-from .video import to_model_input
+from pvl_search.model.tokenizer import Tokenizer
+from pvl_search.media.video import to_model_input
 
 # decode(path) -> (frames uint8 (F, S, S, 3), mask bool (F,)); raising marks the video failed.
 DecodeFn = Callable[[str], tuple[np.ndarray, np.ndarray]]
@@ -51,7 +51,7 @@ def build_frame_cache(
     """Decode each (key, path) once into `folder`; returns the cache and {key: error} of the
     videos that failed. An existing complete cache for the same keys is reused.
 
-    By default files are decoded in crash-proof worker processes (pvl_search.decode_pool);
+    By default files are decoded in crash-proof worker processes (pvl_search.media.decode_pool);
     `decode` replaces that with an in-process function (tests, arrays already in memory)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def _decode_all(
             except Exception as exc:  # noqa: BLE001 - any failure is this file's failure
                 yield key, exc
         return
-    from .decode_pool import DecodePool
+    from pvl_search.media.decode_pool import DecodePool
 
     with DecodePool() as pool:
         jobs = ((key, path, None, frames, size) for key, path in items)
@@ -124,7 +124,7 @@ class PairSet:
         self.groups = [(groups or {}).get(key, f"video:{key}") for key in self.keys]
         self.captions = [captions[key] for key in self.keys]
         self.tokens = [tokenizer(texts) for texts in self.captions]  # tokenised once
-        # Per-video scene labels (pvl_search.scene_labels) when every video has them.
+        # Per-video scene labels (pvl_search.data.scene_labels) when every video has them.
         has_labels = labels is not None and all(key in labels for key in self.keys)
         self.labels = torch.as_tensor(np.stack([labels[k] for k in self.keys])) if has_labels and self.keys else None
         has_tokens = token_labels is not None and all(key in token_labels for key in self.keys)

@@ -7,7 +7,7 @@ pure function of (seed, group index): the stream is deterministic, a resumed run
 very chunks an uninterrupted one would, and a chunk can be regenerated if its files are lost.
 
 Each video takes the path a test video takes: rendered, encoded to H.264 MP4, and decoded
-with `pvl_search.video.read_clip` into the model's frames. Scenes never use the
+with `pvl_search.media.video.read_clip` into the model's frames. Scenes never use the
 (colour, shape, motion) triples held out by the evaluation corpus (`heldout_seed`), so its
 held-out test queries stay unseen combinations.
 
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .pairs import FrameCache, PairSet
-from .scene_labels import label_maps
-from .synth import Scene, captions_for, group_variants, heldout_combinations, render_scene, sample_scene, write_mp4
-from .tokenizer import Tokenizer
-from .video import read_clip
+from pvl_search.training.pairs import FrameCache, PairSet
+from pvl_search.data.scene_labels import label_maps
+from pvl_search.data.synth import Scene, captions_for, group_variants, heldout_combinations, render_scene, sample_scene, write_mp4
+from pvl_search.model.tokenizer import Tokenizer
+from pvl_search.media.video import read_clip
 
 _STREAM_TAG = 11  # keeps the stream's random numbers apart from plan_corpus's
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import PerceiverVL
+from pvl_search.model.perceiver import PerceiverVL
 
 LOCAL_DIR = "local-dir:"
 SPEC_FORM = "clip:MODEL:PATH (e.g. clip:ViT-B-16:/models/clip.safetensors) or clip:local-dir:/folder"
@@ -364,7 +364,7 @@ def _notes(
     )
     mean = _preprocess_value(visual, "mean")
     if mean is not None:
-        from .video import CLIP_MEAN, CLIP_STD
+        from pvl_search.media.video import CLIP_MEAN, CLIP_STD
 
         std = _preprocess_value(visual, "std")
         same = torch.allclose(torch.tensor(mean), torch.tensor(CLIP_MEAN)) and torch.allclose(

@@ -2,7 +2,7 @@
 
 The same labels drive two things: auxiliary heads during training (so that the encoders must
 keep shape, size, motion, order and binding, not only colour) and linear probes that measure
-what a trained model's embeddings hold (`pvl_search.probes`).
+what a trained model's embeddings hold (`pvl_search.experiments.probes`).
 
 Slots follow time: "first" is the object whose event happens first, "second" the other actor.
 So the slot labels alone tell every member of a twin group apart: an order twin swaps the
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .synth import COLOURS, MOTIONS, SHAPES, SIZES, Scene, _shape_mask, object_state
-from .video import sample_positions
+from pvl_search.data.synth import COLOURS, MOTIONS, SHAPES, SIZES, Scene, _shape_mask, object_state
+from pvl_search.media.video import sample_positions
 
 SLOTS = ("first", "second")
 ATTRIBUTES: dict[str, tuple[str, ...]] = {

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import PerceiverVL
-from .pairs import PairSet
-from .scene_labels import LABELS
+from pvl_search.model.perceiver import PerceiverVL
+from pvl_search.training.pairs import PairSet
+from pvl_search.data.scene_labels import LABELS
 
 FEATURES = ("video_embedding", "video_latents", "text_embedding", "text_latents")
 
@@ -117,7 +117,7 @@ def probe_model(model: PerceiverVL, captions_path: str, cache_dir: str, *, fit_s
     """Probes of `model` fitted on one split of a synthetic captions file and scored on another."""
     from pathlib import Path
 
-    from .recipe import load_pair_sets
+    from pvl_search.training.recipe import load_pair_sets
 
     if fit_split == test_split:
         raise ValueError(f"probes must be fitted and tested on different splits; both are {fit_split!r}")

@@ -32,7 +32,7 @@ from typing import Any
 import av
 import numpy as np
 
-from pvl_search.captions import CaptionRecord, write_captions
+from pvl_search.data.captions import CaptionRecord, write_captions
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross")
 # Saturated object colours, far (in RGB) from each other and from the grey-ish backgrounds,
@@ -583,7 +583,7 @@ def generate_corpus(out_dir: str | os.PathLike[str], n: int, seed: int, *, size:
     tasks = list(_group_tasks(planned, videos_dir, size, fps, gop))
     sizes = _run_tasks(tasks, workers, progress, n)
     captions_path = out / "captions.json"
-    header = {"generator": {"name": "pvl_search.synth", "seed": seed, "size": size, "fps": fps,
+    header = {"generator": {"name": "pvl_search.data.synth", "seed": seed, "size": size, "fps": fps,
                             "frames": frames, "gop": gop, "splits": list(splits)},
               "heldout_combinations": [list(t) for t in sorted(heldout_combinations(seed))]}
     write_captions(captions_path, [_record(p, videos_dir) for p in planned], extra=header)

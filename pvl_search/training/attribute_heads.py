@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .scene_labels import LABELS, TEXT_LABELS, TOKEN_CLASSES
+from pvl_search.data.scene_labels import LABELS, TEXT_LABELS, TOKEN_CLASSES
 
 
 class AttributeHeads(nn.Module):
@@ -44,7 +44,7 @@ class AttributeHeads(nn.Module):
 
     def token_loss(self, tokens: Tensor, labels: Tensor, frame_mask: Tensor) -> Tensor:
         """Cross-entropy of each real frame's patch tokens (B, F*G, D) against their dense
-        labels (B, F, G, 2) (pvl_search.scene_labels.token_labels): shape and motion."""
+        labels (B, F, G, 2) (pvl_search.data.scene_labels.token_labels): shape and motion."""
         if self.tokens is None:
             raise ValueError("these heads were built without token heads (hidden=None)")
         b, f, g, _ = labels.shape

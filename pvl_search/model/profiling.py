@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import ModelConfig
-from .layers import explicit_attention
-from .model import PerceiverVL, count_parameters
+from pvl_search.model.config import ModelConfig
+from pvl_search.model.layers import explicit_attention
+from pvl_search.model.perceiver import PerceiverVL, count_parameters
 
 
 @dataclass

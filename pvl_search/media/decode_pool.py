@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pvl_search.video import (
+from pvl_search.media.video import (
     BACKENDS,
     Backend,
     Clip,
@@ -76,7 +76,7 @@ Result = DecodedVideo | VideoDecodeError  # one Clip per span, or why the file f
 
 _STARTUP_TIMEOUT_S = 120.0  # a fresh worker must say "ready" within this (imports included)
 _MAX_START_FAILURES = 3  # consecutive workers dying before "ready": give up, it is not the files
-_PRELOAD = ["pvl_search.decode_pool"]  # imports torch, PyAV and decord once in the forkserver
+_PRELOAD = ["pvl_search.media.decode_pool"]  # imports torch, PyAV and decord once in the forkserver
 
 
 class DecodePool:

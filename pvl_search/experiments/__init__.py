@@ -1,0 +1,1 @@
+"""Diagnostics of a model: linear probes, twin accuracy."""

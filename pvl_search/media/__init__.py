@@ -1,0 +1,1 @@
+"""Reading media: video and image decoding, the decode worker pool, thumbnails."""

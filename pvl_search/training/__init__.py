@@ -1,0 +1,1 @@
+"""Training: objectives, the loop, recipes, data sets of (video, caption) pairs, CLIP initialisation."""
