@@ -47,14 +47,15 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, JSONResponse
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from indexer.batching import BATCH_WINDOW_S, MAX_BATCH, QueryBatcher
 from indexer.errors import IndexStoreError, NotFoundError
 from indexer.media import MediaFile, MediaNotFound, has_thumbnail, media_type, thumbnail_file, video_file
 from indexer.paths import relative_shown
+from indexer.precision import DtypeChoice
 from indexer.request import (
     FUSIONS,
     MAX_K,
@@ -65,8 +66,8 @@ from indexer.request import (
     SearchError,
     search_request,
 )
-from indexer.precision import DtypeChoice
-from indexer.searcher import QUERY_CACHE, Searcher
+from indexer.search_state import QUERY_CACHE
+from indexer.searcher import Searcher, SearchResult
 from pvl_web import PAGE, PAGE_CSP, STATIC_DIR
 from pvl_web.auth import TokenGate, check_token, is_loopback
 
@@ -95,6 +96,168 @@ def _json_safe(value: Any) -> Any:
 def _internal_error(exc: BaseException) -> HTTPException:
     log.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=exc)
     return HTTPException(status_code=500, detail="internal error")
+
+
+def guarded(fn: Callable[[], T]) -> T:
+    """Run `fn`; domain errors -> 400/503, anything else -> 500."""
+    try:
+        return fn()
+    except HTTPException:
+        raise
+    except SearchError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
+    except (IndexStoreError, OSError) as exc:  # index missing, unreadable, database down
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("index unavailable: %s", reason)
+        raise HTTPException(status_code=503, detail=reason, headers={"Retry-After": "5"}) from None
+    except Exception as exc:
+        raise _internal_error(exc) from None
+
+
+def found(lookup: Callable[[], MediaFile]) -> MediaFile:
+    """A media lookup (SQL only, no lock); nothing to serve -> 404."""
+    def run() -> MediaFile:
+        try:
+            return lookup()
+        except MediaNotFound as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from None
+
+    return guarded(run)
+
+
+class SingleStreamGate:
+    """Single-stream rerank decodes and re-encodes every candidate: at most `slots` run at
+    once, and a request finding every slot taken is turned away at once (429) rather than
+    queued in front of the plain searches, which then wait for at most `slots` of them."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._free = threading.BoundedSemaphore(slots)
+        self._last_seconds = 1.0  # how long the last one took: the Retry-After hint
+
+    def run(self, fn: Callable[[], T]) -> T:
+        if not self._free.acquire(blocking=False):
+            raise HTTPException(status_code=429, headers={"Retry-After": str(max(1, math.ceil(self._last_seconds)))},
+                                detail=f"busy: {self.slots} single-stream rerank request(s) running; "
+                                "retry later or use rerank=mixed")
+        try:
+            started = time.monotonic()
+            result = fn()
+            self._last_seconds = time.monotonic() - started
+            return result
+        finally:
+            self._free.release()
+
+
+def _with_links(result: SearchResult, searcher: Searcher, path_root: str | Path | None) -> dict:
+    """A search answer as JSON, each hit with the URLs of its thumbnail and file."""
+    body = _json_safe(result.to_dict())
+    for hit in body["hits"]:
+        segment_id = hit["best"]["segment_id"]
+        has_one = has_thumbnail(searcher.store, segment_id)
+        hit["thumbnail_url"] = f"/segments/{segment_id}/thumbnail" if has_one else None
+        hit["video_url"] = f"/videos/{hit['video_id']}/file"
+        hit["media_type"] = media_type(hit["path"])  # the page asks the browser if it plays it
+        hit["path"] = relative_shown(hit["path"], path_root)
+    return body
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's 422 echoes each refused input whole: cut it short.
+        errors = []
+        for error in exc.errors():
+            error = dict(error)
+            error.pop("ctx", None)  # may hold exception objects, not JSON
+            text = error.get("input")
+            if isinstance(text, str) and len(text) > ECHO_CHARS:
+                error["input"] = text[:ECHO_CHARS] + "..."
+            errors.append(error)
+        return JSONResponse({"detail": _json_safe(errors)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, _exc: Exception) -> JSONResponse:
+        # Backstop for errors outside the endpoints; uvicorn logs the traceback server-side.
+        return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+def _add_search_route(app: FastAPI, searcher: Searcher, batcher: QueryBatcher, gate: SingleStreamGate,
+                      path_root: str | Path | None) -> None:
+    @app.get("/search")
+    def search(
+        q: Annotated[str, Query(description=f"What to look for, in words (at most {MAX_QUERY_CHARS} characters).")],
+        k: Annotated[int, Query(description=f"Videos to return (1 to {MAX_K}).")] = 10,
+        rerank_k: Annotated[int, Query(description=f"Segments retrieved and reranked (1 to {MAX_RERANK_K}).")] = 50,
+        rerank: Annotated[str, Query(
+            description=f"{', '.join(RERANK_MODES)}: auto (the reranker the model's validation chose), mixed "
+            f"(the paper's [CLS] decoder, stored states), latent (query latents over stored video latents), "
+            f"single (decodes again; rerank_k <= {MAX_SINGLE_RERANK_K}), none."
+        )] = "auto",
+        fusion: Annotated[str, Query(
+            description=f"{', '.join(FUSIONS)}: retrieval similarity + rerank logit, or the logit alone."
+        )] = "sum",
+        glob: Annotated[str | None, Query(
+            description="Only videos whose full path matches, e.g. */news/*: * and ? wildcards, case-sensitive."
+        )] = None,
+        min_duration: Annotated[float | None, Query(description="Seconds, at least.")] = None,
+        max_duration: Annotated[float | None, Query(description="Seconds, at most.")] = None,
+        since: Annotated[str | None, Query(
+            description="Only videos added since this ISO 8601 date or date/time (UTC when it has no "
+            "offset), or this many seconds since 1970."
+        )] = None,
+    ) -> dict:
+        try:  # the same rules as `pvl-search search` (indexer/request.py)
+            request = search_request(q, k=k, rerank_k=rerank_k, rerank=rerank, fusion=fusion, glob=glob,
+                                     min_duration=min_duration, max_duration=max_duration, since=since)
+        except SearchError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        if request.rerank == "single":
+            result = gate.run(lambda: guarded(lambda: batcher.submit(request)))
+        else:
+            result = guarded(lambda: batcher.submit(request))
+        return _with_links(result, searcher, path_root)
+
+
+def _add_index_routes(app: FastAPI, searcher: Searcher, path_root: str | Path | None) -> None:
+    """Video metadata, health, the files (SQL only: no need to wait for a search), the page."""
+    @app.get("/videos/{video_id}")
+    def video(video_id: Annotated[int, PathParam(ge=0, le=2**63 - 1, description="A video id from /search.")]) -> dict:
+        def lookup() -> dict:
+            try:
+                video = searcher.video(video_id)
+            except NotFoundError as exc:
+                raise HTTPException(status_code=404, detail=str(exc)) from None
+            return {**video, "path": relative_shown(video["path"], path_root)}
+
+        return _json_safe(guarded(lookup))  # SQL only: no need to wait for a search
+
+    @app.get("/health")
+    def health() -> dict:
+        videos, segments = guarded(searcher.counts)  # the index as it is on disk now
+        return {"status": "ok", "videos": videos, "segments": segments, "model": searcher.runner.fingerprint[:12]}
+
+    @app.api_route("/videos/{video_id}/file", methods=["GET", "HEAD"])
+    def video_media(
+        video_id: Annotated[int, PathParam(ge=0, le=2**63 - 1, description="A video id from /search.")],
+        download: Annotated[bool, Query(description="As an attachment, to save.")] = False,
+    ) -> FileResponse:
+        media = found(lambda: video_file(searcher.store, video_id))
+        # FileResponse answers Range requests (206, 416) itself: what <video> seeks with.
+        return FileResponse(media.path, media_type=media.media_type, headers=MEDIA_HEADERS,
+                            filename=media.path.name if download else None)
+
+    @app.api_route("/segments/{segment_id}/thumbnail", methods=["GET", "HEAD"])
+    def thumbnail(
+        segment_id: Annotated[int, PathParam(ge=0, le=2**63 - 1, description="A segment id from /search.")],
+    ) -> FileResponse:
+        media = found(lambda: thumbnail_file(searcher.store, segment_id))
+        return FileResponse(media.path, media_type=media.media_type, headers=MEDIA_HEADERS)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(PAGE, media_type="text/html; charset=utf-8",
+                            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
 
 
 def create_app(
@@ -135,143 +298,9 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.batcher = batcher
-    # Single-stream rerank decodes and re-encodes every candidate: bounded apart, and a request
-    # finding every slot taken is turned away at once (429) rather than queued in front of
-    # the plain searches, which then wait for at most `single_slots` of them.
-    single = threading.BoundedSemaphore(single_slots)
-    single_seconds = [1.0]  # how long the last one took: the Retry-After hint
-
-    def guarded(fn: Callable[[], T]) -> T:
-        """Run `fn`; domain errors -> 400/503, anything else -> 500."""
-        try:
-            return fn()
-        except HTTPException:
-            raise
-        except SearchError as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from None
-        except (IndexStoreError, OSError) as exc:  # index missing, unreadable, database down
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            log.warning("index unavailable: %s", reason)
-            raise HTTPException(status_code=503, detail=reason, headers={"Retry-After": "5"}) from None
-        except Exception as exc:
-            raise _internal_error(exc) from None
-
-    @app.exception_handler(RequestValidationError)
-    async def malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's 422 echoes each refused input whole: cut it short.
-        errors = []
-        for error in exc.errors():
-            error = dict(error)
-            error.pop("ctx", None)  # may hold exception objects, not JSON
-            text = error.get("input")
-            if isinstance(text, str) and len(text) > ECHO_CHARS:
-                error["input"] = text[:ECHO_CHARS] + "..."
-            errors.append(error)
-        return JSONResponse({"detail": _json_safe(errors)}, status_code=422)
-
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, _exc: Exception) -> JSONResponse:
-        # Backstop for errors outside the endpoints; uvicorn logs the traceback server-side.
-        return JSONResponse({"detail": "internal error"}, status_code=500)
-
-    @app.get("/search")
-    def search(
-        q: Annotated[str, Query(description=f"What to look for, in words (at most {MAX_QUERY_CHARS} characters).")],
-        k: Annotated[int, Query(description=f"Videos to return (1 to {MAX_K}).")] = 10,
-        rerank_k: Annotated[int, Query(description=f"Segments retrieved and reranked (1 to {MAX_RERANK_K}).")] = 50,
-        rerank: Annotated[str, Query(
-            description=f"{', '.join(RERANK_MODES)}: auto (the reranker the model's validation chose), mixed "
-            f"(the paper's [CLS] decoder, stored states), latent (query latents over stored video latents), "
-            f"single (decodes again; rerank_k <= {MAX_SINGLE_RERANK_K}), none."
-        )] = "auto",
-        fusion: Annotated[str, Query(
-            description=f"{', '.join(FUSIONS)}: retrieval similarity + rerank logit, or the logit alone."
-        )] = "sum",
-        glob: Annotated[str | None, Query(
-            description="Only videos whose full path matches, e.g. */news/*: * and ? wildcards, case-sensitive."
-        )] = None,
-        min_duration: Annotated[float | None, Query(description="Seconds, at least.")] = None,
-        max_duration: Annotated[float | None, Query(description="Seconds, at most.")] = None,
-        since: Annotated[str | None, Query(
-            description="Only videos added since this ISO 8601 date or date/time (UTC when it has no "
-            "offset), or this many seconds since 1970."
-        )] = None,
-    ) -> dict:
-        try:  # the same rules as `pvl-search search` (indexer/request.py)
-            request = search_request(q, k=k, rerank_k=rerank_k, rerank=rerank, fusion=fusion, glob=glob,
-                                     min_duration=min_duration, max_duration=max_duration, since=since)
-        except SearchError as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from None
-        if request.rerank != "single":
-            result = guarded(lambda: batcher.submit(request))
-        elif single.acquire(blocking=False):
-            try:
-                started = time.monotonic()
-                result = guarded(lambda: batcher.submit(request))
-                single_seconds[0] = time.monotonic() - started
-            finally:
-                single.release()
-        else:
-            raise HTTPException(status_code=429, headers={"Retry-After": str(max(1, math.ceil(single_seconds[0])))},
-                                detail=f"busy: {single_slots} single-stream rerank request(s) running; "
-                                "retry later or use rerank=mixed")
-        body = _json_safe(result.to_dict())
-        for hit in body["hits"]:
-            segment_id = hit["best"]["segment_id"]
-            hit["thumbnail_url"] = f"/segments/{segment_id}/thumbnail" if has_thumbnail(searcher.store, segment_id) else None
-            hit["video_url"] = f"/videos/{hit['video_id']}/file"
-            hit["media_type"] = media_type(hit["path"])  # the page asks the browser if it plays it
-            hit["path"] = relative_shown(hit["path"], path_root)
-        return body
-
-    @app.get("/videos/{video_id}")
-    def video(video_id: Annotated[int, PathParam(ge=0, le=2**63 - 1, description="A video id from /search.")]) -> dict:
-        def lookup() -> dict:
-            try:
-                video = searcher.video(video_id)
-            except NotFoundError as exc:
-                raise HTTPException(status_code=404, detail=str(exc)) from None
-            return {**video, "path": relative_shown(video["path"], path_root)}
-
-        return _json_safe(guarded(lookup))  # SQL only: no need to wait for a search
-
-    @app.get("/health")
-    def health() -> dict:
-        videos, segments = guarded(searcher.counts)  # the index as it is on disk now
-        return {"status": "ok", "videos": videos, "segments": segments, "model": searcher.runner.fingerprint[:12]}
-
-    def found(lookup: Callable[[], MediaFile]) -> MediaFile:
-        """A media lookup (SQL only, no lock); nothing to serve -> 404."""
-        def run() -> MediaFile:
-            try:
-                return lookup()
-            except MediaNotFound as exc:
-                raise HTTPException(status_code=404, detail=str(exc)) from None
-
-        return guarded(run)
-
-    @app.api_route("/videos/{video_id}/file", methods=["GET", "HEAD"])
-    def video_media(
-        video_id: Annotated[int, PathParam(ge=0, le=2**63 - 1, description="A video id from /search.")],
-        download: Annotated[bool, Query(description="As an attachment, to save.")] = False,
-    ) -> FileResponse:
-        media = found(lambda: video_file(searcher.store, video_id))
-        # FileResponse answers Range requests (206, 416) itself: what <video> seeks with.
-        return FileResponse(media.path, media_type=media.media_type, headers=MEDIA_HEADERS,
-                            filename=media.path.name if download else None)
-
-    @app.api_route("/segments/{segment_id}/thumbnail", methods=["GET", "HEAD"])
-    def thumbnail(
-        segment_id: Annotated[int, PathParam(ge=0, le=2**63 - 1, description="A segment id from /search.")],
-    ) -> FileResponse:
-        media = found(lambda: thumbnail_file(searcher.store, segment_id))
-        return FileResponse(media.path, media_type=media.media_type, headers=MEDIA_HEADERS)
-
-    @app.get("/", include_in_schema=False)
-    def page() -> FileResponse:
-        return FileResponse(PAGE, media_type="text/html; charset=utf-8",
-                            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
-
+    _add_error_handlers(app)
+    _add_search_route(app, searcher, batcher, SingleStreamGate(single_slots), path_root)
+    _add_index_routes(app, searcher, path_root)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if token is not None:
         app.add_middleware(TokenGate, token=token)

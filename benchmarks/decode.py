@@ -15,20 +15,17 @@ Prints a markdown table. Pool timings exclude worker start-up (one warm-up job f
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 import av  # noqa: E402
 import numpy as np  # noqa: E402
-from media import write_video  # noqa: E402
 
 from pvl_search.media.decode_pool import DecodePool  # noqa: E402
-from pvl_search.media.video import _scaled_size, _square, probe, read_clip  # noqa: E402
+from pvl_search.media.sample_files import write_video
+from pvl_search.media.video import probe, read_clip, scaled_size, square_crop  # noqa: E402
 
 FRAMES = 8
 
@@ -57,13 +54,13 @@ def plain_pyav(path: Path, size: int) -> np.ndarray:
         stream = container.streams.video[0]
         stream.thread_count = 1
         duration = float(stream.duration * stream.time_base)
-        width, height = _scaled_size(stream.width, stream.height, size, "crop")
+        width, height = scaled_size(stream.width, stream.height, size, "crop")
         for i in range(FRAMES):
             target = (i + 0.5) * duration / FRAMES
             container.seek(int(target / stream.time_base), stream=stream, backward=True)
             for frame in container.decode(stream):
                 if frame.time >= target - 0.5 / float(stream.average_rate):
-                    frames.append(_square(frame.to_ndarray(width=width, height=height, format="rgb24"), size))
+                    frames.append(square_crop(frame.to_ndarray(width=width, height=height, format="rgb24"), size))
                     break
     return np.stack(frames)
 

@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 # Light imports only at module level: each decode worker re-imports this file when it starts.
@@ -44,7 +43,7 @@ import torch  # noqa: E402
 
 
 def make_clips(folder: Path, count: int) -> list[Path]:
-    from media import write_video
+    from pvl_search.media.sample_files import write_video
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

@@ -28,26 +28,23 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 # Only what the decode workers preload anyway (torch, PyAV, decord): each worker re-imports
 # this file as __mp_main__ when it starts, and SQLAlchemy + Alembic + FAISS there would add
 # ~1 s to the end-to-end row that the CLI (whose __main__ imports typer and rich) never pays.
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from media import write_video  # noqa: E402
 
+from pvl_search.media.decode_pool import DecodePool  # noqa: E402
+from pvl_search.media.sample_files import write_video
+from pvl_search.media.video import Windows  # noqa: E402
 from pvl_search.model.checkpoint import save_model  # noqa: E402
 from pvl_search.model.config import preset  # noqa: E402
-from pvl_search.media.decode_pool import DecodePool  # noqa: E402
 from pvl_search.model.perceiver import PerceiverVL  # noqa: E402
-from pvl_search.media.video import Windows  # noqa: E402
 
 if TYPE_CHECKING:
     from indexer.encoding import ModelRunner
@@ -88,7 +85,7 @@ def decode_alone(files: list[Path], runner: ModelRunner, options: IndexOptions) 
 
 
 def encode_alone(decoded: list, runner: ModelRunner, batch_size: int) -> float:
-    clips = [clip for video in decoded for clip in video]
+    clips = [clip for video in decoded for clip in video.clips]
     frames, masks = np.stack([c.frames for c in clips]), np.stack([c.mask for c in clips])
     start = time.perf_counter()
     for lo in range(0, len(clips), batch_size):

@@ -70,11 +70,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from indexer.row_store import RowStore  # noqa: E402
 from indexer.vector_index import VectorIndex  # noqa: E402
+from pvl_search.media.video import to_model_input  # noqa: E402
 from pvl_search.model.config import preset  # noqa: E402
 from pvl_search.model.perceiver import PerceiverVL  # noqa: E402
 from pvl_search.model.profiling import count_flops  # noqa: E402
 from pvl_search.model.tokenizer import Tokenizer  # noqa: E402
-from pvl_search.media.video import to_model_input  # noqa: E402
 
 SUBJECTS = ("a man", "a woman", "two children", "a dog", "a chef", "a cyclist", "a band", "a cat")
 ACTIONS = ("rides a red bicycle", "cooks pasta", "plays guitar", "runs along", "dances", "paints a wall",
@@ -103,7 +103,7 @@ class Section:
     def __init__(self, threads: int) -> None:
         self.threads = threads
 
-    def __enter__(self) -> "Section":
+    def __enter__(self) -> Section:
         self.wall, self.cpu = time.perf_counter(), time.process_time()
         return self
 
@@ -245,8 +245,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loadavg_start": load_start,
         "sections": {},
     }
-    rows: list[dict[str, Any]] = []
-
     def section(name: str, sec: Section) -> None:
         res["sections"][name] = {"wall_s": sec.wall, "cpu_share": sec.share}
         log(f"  {name}: {sec.wall:.1f} s, CPU share {sec.share:.2f}, load {os.getloadavg()[0]:.1f}")
@@ -471,7 +469,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with Section(args.threads) as sec:
             for warm_up in (lambda: single_pairs(min(2, args.single_pairs)), mixed_k, plain_k, mixed_k_with_encode):
                 warm_up()
-            for r in range(args.single_repeats):
+            for _round in range(args.single_repeats):
                 for _ in range(3):
                     mixed_ms.append(mixed_k())
                     mixed1_ms.append(mixed_k_1thread())
@@ -510,7 +508,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             exhaustive_ms = per_pair * n_ex
             how = f"extrapolated: {n_ex} x median per-pair cost of the measured {args.single_pairs}-pair runs"
         res["exhaustive"] = {"videos": n_ex, "ms": exhaustive_ms, "how": how}
-        del frames, fmask
+        frames = fmask = None  # free the pre-decoded clips before the FLOP count
 
         # ------------------------------------------------------------ FLOPs (load-independent cross-check)
         log("counting FLOPs ...")

@@ -47,7 +47,6 @@ import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 COLOURS = ["red", "green", "blue", "yellow", "white", "purple"]
@@ -71,8 +70,8 @@ def pvl_search() -> str:
 def make_corpus(root: Path, config: str, videos: int, dtype: str) -> tuple[Path, Path]:
     """(model folder, index folder): a random-weight `config` model and an index of short clips."""
     import torch
-    from media import write_video
 
+    from pvl_search.media.sample_files import write_video
     from pvl_search.model.checkpoint import save_model
     from pvl_search.model.config import preset
     from pvl_search.model.perceiver import PerceiverVL

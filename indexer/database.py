@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 from alembic import command
@@ -151,6 +152,38 @@ def server_engine(url: str, **kwargs: Any) -> Engine:
 
     event.listen(engine, "do_connect", connect)
     return one_line_errors(engine)
+
+
+def _sqlite_read_only_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # transactions begin with the "begin" event
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA query_only=ON")  # on top of mode=ro
+    cursor.close()
+
+
+def read_only_engine(url: str) -> Engine:
+    """An engine that cannot write: SQLite opened with ``mode=ro`` (never creates or
+    modifies the database file), PostgreSQL sessions ``READ ONLY``. Each session reads one
+    snapshot (SQLite transactions are snapshots; PostgreSQL gets REPEATABLE READ)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = Path(parsed.database).resolve()
+        query = {k: v for k, v in parsed.query.items() if k not in ("mode", "uri")}
+        ro = parsed.set(
+            database=f"file:{quote(str(path))}", query={**query, "mode": "ro", "uri": "true"}
+        )
+        engine = create_engine(ro, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_read_only_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        return one_line_errors(engine)
+    if parsed.get_backend_name() == "postgresql":
+        return server_engine(
+            url,
+            pool_pre_ping=True,
+            isolation_level="REPEATABLE READ",
+            execution_options={"postgresql_readonly": True},
+        )
+    return server_engine(url, pool_pre_ping=True)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 from indexer.precision import DtypeChoice, choose_dtype, dtype_name
+from pvl_search.media.video import to_model_input
 from pvl_search.model.checkpoint import load_model, load_search_defaults, weights_fingerprint
+from pvl_search.model.defaults import DEFAULT_MODEL_DIR, pick_device
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
-from pvl_search.media.video import to_model_input
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "pvl_search" / "model" / "weights" / "tiny-synth"
 log = logging.getLogger("pvl_search.encoding")
 
 
@@ -34,26 +34,6 @@ class EncodedQueries:
     rerank_states: np.ndarray  # (Q, D + H)
     truncated: list[bool]  # the query was longer than the model's text length
     latents: np.ndarray | None = None  # (Q, N, D) float32, for the latent reranker
-
-
-def pick_device(device: str | None) -> torch.device:
-    """`device` checked before any model goes there (None: cuda when available, else cpu);
-    a name torch does not know, or a GPU that is not there, is a ValueError in one line."""
-    if not device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"device {device!r} is not known: use cpu, cuda or cuda:N") from None
-    if chosen.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"device {device!r}: no CUDA GPU is available here (use cpu)")
-        if chosen.index is not None and chosen.index >= count:
-            raise ValueError(f"device {device!r}: there is no GPU {chosen.index} ({count} available)")
-    elif chosen.type != "cpu":
-        raise ValueError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
-    return chosen
 
 
 class ModelRunner:
@@ -90,7 +70,7 @@ class ModelRunner:
         device: str | None = None,
         cross_layers: int | None = None,
         dtype: DtypeChoice = "auto",
-    ) -> "ModelRunner":
+    ) -> ModelRunner:
         folder = Path(folder) if folder else DEFAULT_MODEL_DIR
         return cls(load_model(folder), weights_fingerprint(folder), device=device, cross_layers=cross_layers,
                    dtype=dtype, search_defaults=load_search_defaults(folder))

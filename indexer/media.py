@@ -7,11 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
-
 from indexer.index_store import IndexStore
-from indexer.paths import from_stored
-from indexer.schema import Segment, Video, VideoStatus
+from indexer.schema import VideoStatus
 from indexer.thumbnail_store import MEDIA_TYPE as THUMBNAIL_MEDIA_TYPE
 
 # By extension (the indexer's list, pvl_search.media.video): Python's mimetypes depends on the
@@ -43,13 +40,13 @@ def media_type(path: str | os.PathLike[str]) -> str:
 
 def video_file(store: IndexStore, video_id: int) -> MediaFile:
     """The file of an indexed video that is still on disk, else MediaNotFound."""
-    with store.db.sessions() as s:
-        row = s.execute(select(Video.path, Video.path_bytes, Video.status).where(Video.id == video_id)).one_or_none()
-    if row is None:
+    found = store.video_file(video_id)
+    if found is None:
         raise MediaNotFound(f"no video with id {video_id}")
-    if row.status != VideoStatus.INDEXED.value:
-        raise MediaNotFound(f"video {video_id} is {row.status}, not served")
-    path = Path(from_stored(row.path, row.path_bytes))  # a non-UTF-8 name: its exact bytes
+    stored_path, status = found
+    if status != VideoStatus.INDEXED.value:
+        raise MediaNotFound(f"video {video_id} is {status}, not served")
+    path = Path(stored_path)  # a non-UTF-8 name: its exact bytes
     if not path.is_file():
         raise MediaNotFound(f"the file of video {video_id} is gone")
     return MediaFile(path, media_type(path))
@@ -57,13 +54,7 @@ def video_file(store: IndexStore, video_id: int) -> MediaFile:
 
 def thumbnail_file(store: IndexStore, segment_id: int) -> MediaFile:
     """The thumbnail of a live segment of an indexed video, else MediaNotFound."""
-    with store.db.sessions() as s:
-        live = s.scalar(
-            select(Segment.id)
-            .join(Video, Segment.video_id == Video.id)
-            .where(Segment.id == segment_id, Segment.removed.is_(False), Video.status == VideoStatus.INDEXED.value)
-        )
-    if live is None:
+    if not store.is_live_segment(segment_id):
         raise MediaNotFound(f"no live segment with id {segment_id}")
     path = store.thumbnails.path(segment_id)
     if not path.is_file():

@@ -22,18 +22,19 @@ import torch
 
 from indexer.encoding import EncodedClips, ModelRunner
 from indexer.errors import IndexStoreError
-from indexer.index_store import IndexLayout, IndexStore, KnownVideo, SegmentInfo, VideoInfo, fingerprint_file
+from indexer.index_store import IndexStore
 from indexer.paths import shown
 from indexer.schema import VideoStatus
-from pvl_search.model.config import ModelConfig
+from indexer.store_records import IndexLayout, KnownVideo, SegmentInfo, VideoMeta, fingerprint_file
 from pvl_search.media.decode_pool import DecodedVideo, DecodePool
 from pvl_search.media.thumbnails import clip_thumbnail
 from pvl_search.media.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Backend, VideoDecodeError, Windows
+from pvl_search.model.config import ModelConfig
 
 MEDIA_EXTENSIONS = frozenset(VIDEO_EXTENSIONS) | frozenset(IMAGE_EXTENSIONS)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class IndexOptions:
     window_s: float = 10.0  # segment length; shorter videos are one segment
     stride_s: float = 5.0  # at most this far between segment starts
@@ -295,7 +296,7 @@ def build_index(
             for video in _encode_batches(decoded, runner, options):
                 _write(video, store, options)
                 summary.indexed += 1
-                summary.segments += len(video.decoded)
+                summary.segments += len(video.decoded.clips)
                 written += 1
                 if written % options.save_every == 0:
                     store.save_faiss()
@@ -338,8 +339,8 @@ def _add_thumbnails(
 
     jobs = ((path, path, spans(segs), config.frames, config.frame_size) for path, segs in missing.items())
     for path, result in pool.imap(jobs):
-        if not isinstance(result, VideoDecodeError) and len(result) == len(missing[path]):
-            images = [clip_thumbnail(clip.frames, clip.mask) for clip in result]
+        if not isinstance(result, VideoDecodeError) and len(result.clips) == len(missing[path]):
+            images = [clip_thumbnail(clip.frames, clip.mask) for clip in result.clips]
             summary.thumbnails_added += store.thumbnails.write([seg.id for seg in missing[path]], images)
         yield path
 
@@ -370,20 +371,20 @@ def _encode_batches(videos: Iterator[_Pending], runner: ModelRunner, options: In
 
     def run_batch() -> None:
         batch, queue[:] = queue[: options.batch_size], queue[options.batch_size :]
-        frames = np.stack([v.decoded[i].frames for v, i in batch])
-        masks = np.stack([v.decoded[i].mask for v, i in batch])
+        frames = np.stack([v.decoded.clips[i].frames for v, i in batch])
+        masks = np.stack([v.decoded.clips[i].mask for v, i in batch])
         encoded = runner.encode_clips(frames, masks, keep_latents=bool(options.store_latents))
         for row, (video, _) in enumerate(batch):
             video.parts.append(_rows(encoded, row))
             video.encoded += 1
 
     def finished() -> Iterator[_Pending]:
-        while waiting and waiting[0].encoded == len(waiting[0].decoded):
+        while waiting and waiting[0].encoded == len(waiting[0].decoded.clips):
             yield waiting.pop(0)
 
     for video in videos:
         waiting.append(video)
-        queue.extend((video, i) for i in range(len(video.decoded)))
+        queue.extend((video, i) for i in range(len(video.decoded.clips)))
         while len(queue) >= options.batch_size:
             run_batch()
         yield from finished()
@@ -406,12 +407,12 @@ def _write(video: _Pending, store: IndexStore, options: IndexOptions) -> None:
         video.path,
         video.stat,
         video.fingerprint,
-        VideoInfo(info.duration, info.fps, info.width, info.height) if info else VideoInfo(),
+        VideoMeta(info.duration, info.fps, info.width, info.height) if info else VideoMeta(),
         spans,
         np.concatenate([p.embeddings for p in video.parts]),
         np.concatenate([p.rerank_states for p in video.parts]),
         latents,
-        thumbnails=[clip_thumbnail(clip.frames, clip.mask) for clip in decoded] if options.thumbnails else None,
+        thumbnails=[clip_thumbnail(clip.frames, clip.mask) for clip in decoded.clips] if options.thumbnails else None,
     )
 
 

@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
 
+from pvl_search.ranking import Fusion
+
 # auto: the reranker the model's validation chose (its search_defaults.json), else mixed.
 RerankMode = Literal["auto", "mixed", "latent", "single", "none"]
-Fusion = Literal["sum", "rerank"]
 RERANK_MODES: tuple[str, ...] = ("auto", "mixed", "latent", "single", "none")
 FUSIONS: tuple[str, ...] = ("sum", "rerank")
 

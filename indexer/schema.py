@@ -98,7 +98,6 @@ class Video(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
     segments: Mapped[list[Segment]] = relationship(back_populates="video")
-    captions: Mapped[list[Caption]] = relationship(back_populates="video")
 
 
 class Segment(Base):
@@ -115,19 +114,6 @@ class Segment(Base):
     removed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     video: Mapped[Video] = relationship(back_populates="segments")
-
-
-class Caption(Base):
-    """Optional ground-truth caption of a video, for evaluation."""
-
-    __tablename__ = "captions"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id"), index=True)
-    text: Mapped[str] = mapped_column(Text)
-    split: Mapped[str] = mapped_column(String(16), default="test")
-
-    video: Mapped[Video] = relationship(back_populates="captions")
 
 
 class IndexInfo(Base):

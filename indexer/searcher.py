@@ -6,32 +6,30 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import ColumnElement, func, select
 
 from indexer.encoding import ModelRunner
 from indexer.errors import IndexReplacedError, NotFoundError
-from indexer.index_store import IndexStore, SegmentInfo
+from indexer.index_reader import IndexReader
+from indexer.index_store import IndexStore
 from indexer.paths import shown
 from indexer.precision import DtypeChoice
-from indexer.request import (  # noqa: F401 - the request names stay importable from here too
-    MAX_K,
-    RERANK_MODES,
-    Fusion,
+from indexer.request import (
     RerankMode,
     SearchError,
     SearchFilters,
     SearchRequest,
     search_request,
 )
-from indexer.schema import Segment, Video, VideoStatus
-from pvl_search.media.video import VideoDecodeError, read_clips
+from indexer.search_state import QUERY_CACHE, EncodedQuery, QueryCache, SharedLock
+from indexer.single_stream import read_segment_clip, single_stream_scores
+from indexer.store_records import SegmentInfo
+from pvl_search.ranking import Fusion, best_segment_ranking, fuse, segment_keys
 
 
 @dataclass
@@ -71,109 +69,12 @@ class SearchResult:
         return asdict(self)
 
 
-QUERY_CACHE = 1024  # query encodings kept (a few KB each)
 
 
-@dataclass(frozen=True)
-class _Encoded:
-    """One query's encoding, as cached (shared by every request with this text: never
-    written to)."""
-
-    embedding: np.ndarray  # (d,)
-    rerank_state: np.ndarray  # (D + H,)
-    truncated: bool
-    latents: np.ndarray | None  # (N, D), for the latent reranker
 
 
-class QueryCache:
-    """Least-recently-used query encodings by text: the same words under other filters or
-    another k are not encoded again. Safe to share between threads."""
-
-    def __init__(self, size: int = QUERY_CACHE) -> None:
-        self.size = size
-        self._items: OrderedDict[str, _Encoded] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, text: str) -> _Encoded | None:
-        with self._lock:
-            item = self._items.get(text)
-            if item is not None:
-                self._items.move_to_end(text)
-            return item
-
-    def put(self, text: str, item: _Encoded) -> None:
-        if self.size <= 0:
-            return
-        with self._lock:
-            self._items[text] = item
-            self._items.move_to_end(text)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
-def glob_to_like(pattern: str) -> str:
-    """Shell glob (* and ? only) -> SQL LIKE pattern (escape character '\\')."""
-    out = []
-    for ch in pattern:
-        if ch in "%_\\":
-            out.append("\\" + ch)
-        elif ch == "*":
-            out.append("%")
-        elif ch == "?":
-            out.append("_")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def path_matches(column: ColumnElement[str], pattern: str, dialect: str) -> ColumnElement[bool]:
-    """`column` matches the shell-style `pattern` (* any run of characters, / included; ?
-    one character; everything else literal), case-sensitively on every backend, as shell
-    globs and Linux paths are. SQLite's LIKE ignores ASCII case and PostgreSQL's does not,
-    so SQLite uses GLOB (case-sensitive), with its one extra wildcard, [, made literal."""
-    if dialect == "sqlite":
-        return column.op("GLOB")(pattern.replace("[", "[[]"))
-    return column.like(glob_to_like(pattern), escape="\\")
-
-
-class _SharedLock:
-    """Held shared by every operation on the open index, exclusively to swap it for a
-    reopened one; a waiting swap goes before new shared holders (or it could wait forever)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._waiting = 0
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
-            self._shared += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._shared -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
-            self._waiting -= 1
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
 
 
 class Searcher:
@@ -201,13 +102,13 @@ class Searcher:
         self.runner = runner or ModelRunner.from_folder(model_dir, device=device, cross_layers=cross_layers,
                                                         dtype=dtype)
         self.query_cache = QueryCache(query_cache)
-        self._swap = _SharedLock()
+        self._swap = SharedLock()
         self._reopening = threading.Lock()
         self._stale = False  # the database was replaced under the open store (a refresh saw it)
         self.store = self._open()
 
     def _open(self) -> IndexStore:
-        store = IndexStore(self.index_dir, self.db_url, read_only=True)
+        store = IndexReader(self.index_dir, self.db_url)
         try:
             store.check_model(self.runner.config.to_json(), self.runner.fingerprint)
         except BaseException:
@@ -249,7 +150,7 @@ class Searcher:
     def close(self) -> None:
         self.store.close()
 
-    def __enter__(self) -> "Searcher":
+    def __enter__(self) -> Searcher:
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -258,21 +159,7 @@ class Searcher:
     # ------------------------------------------------------------------ filters
     def allowed_segments(self, filters: SearchFilters) -> np.ndarray:
         """Ids of live segments whose video passes the filters (applied in SQL)."""
-        query = (
-            select(Segment.id)
-            .join(Video, Segment.video_id == Video.id)
-            .where(Segment.removed.is_(False), Video.status == VideoStatus.INDEXED.value)
-        )
-        if filters.path_glob:
-            query = query.where(path_matches(Video.path, filters.path_glob, self.store.db.engine.dialect.name))
-        if filters.min_duration is not None:
-            query = query.where(Video.duration >= filters.min_duration)
-        if filters.max_duration is not None:
-            query = query.where(Video.duration <= filters.max_duration)
-        if filters.added_since is not None:
-            query = query.where(Video.created_at >= filters.added_since)
-        with self.store.db.sessions() as s:
-            return np.asarray(s.scalars(query.order_by(Segment.id)).all(), dtype=np.int64)
+        return self.store.filtered_segment_ids(filters)
 
     # ------------------------------------------------------------------ search
     def run(self, request: SearchRequest) -> SearchResult:
@@ -349,7 +236,7 @@ class Searcher:
                                         self.runner.dtype_name, index_dtype))
         return results
 
-    def _encode(self, texts: Sequence[str]) -> tuple[list[_Encoded], list[float]]:
+    def _encode(self, texts: Sequence[str]) -> tuple[list[EncodedQuery], list[float]]:
         """Each text's encoding, from the cache or from one encoder call for all the texts
         not in it; and the encoder's milliseconds per text (0 for a cached one)."""
         rows = {text: self.query_cache.get(text) for text in dict.fromkeys(texts)}
@@ -361,7 +248,7 @@ class Searcher:
             ms = (time.perf_counter() - started) * 1000 / len(todo)
             for j, text in enumerate(todo):
                 latents = None if out.latents is None else out.latents[j]
-                rows[text] = _Encoded(out.embeddings[j], out.rerank_states[j], out.truncated[j], latents)
+                rows[text] = EncodedQuery(out.embeddings[j], out.rerank_states[j], out.truncated[j], latents)
                 self.query_cache.put(text, rows[text])
         fresh = set(todo)
         return [rows[t] for t in texts], [ms if t in fresh else 0.0 for t in texts]
@@ -447,7 +334,7 @@ class Searcher:
         return requested
 
     def _rerank(
-        self, text: str, query: _Encoded, ids: np.ndarray, info: dict[int, SegmentInfo], mode: str
+        self, text: str, query: EncodedQuery, ids: np.ndarray, info: dict[int, SegmentInfo], mode: str
     ) -> np.ndarray:
         if len(ids) == 0 or mode == "none":
             return np.empty(0, np.float32)
@@ -458,27 +345,11 @@ class Searcher:
             return self.runner.latent_scores(query.latents, self.store.latents(ids))  # (K, N, D) stored
         return self._single_stream(text, ids, info)
 
-    def _single_stream(
-        self, text: str, ids: np.ndarray, info: dict[int, SegmentInfo], batch: int = 8
-    ) -> np.ndarray:
+    def _single_stream(self, text: str, ids: np.ndarray, info: dict[int, SegmentInfo]) -> np.ndarray:
         """Decode the candidate segments again and run the joint encoder on each pair."""
         config = self.runner.config
-        scores = np.full(len(ids), -np.inf, dtype=np.float32)
-        frames, masks, rows = [], [], []
-        for row, sid in enumerate(ids.tolist()):
-            seg = info[sid]
-            try:
-                clip = read_clips(seg.path, [(seg.start_s, max(seg.end_s, seg.start_s + 1e-3))],
-                                  config.frames, config.frame_size)[0]
-            except VideoDecodeError:
-                continue  # a file that went bad after indexing ranks last
-            frames.append(clip.frames)
-            masks.append(clip.mask)
-            rows.append(row)
-        for start in range(0, len(rows), batch):
-            part = slice(start, start + batch)
-            scores[rows[part]] = self.runner.single_scores(np.stack(frames[part]), np.stack(masks[part]), text)
-        return scores
+        clips = [read_segment_clip(info[sid], config.frames, config.frame_size) for sid in ids.tolist()]
+        return single_stream_scores(self.runner, text, clips)
 
     def _group(
         self,
@@ -486,54 +357,40 @@ class Searcher:
         sims: np.ndarray,
         info: dict[int, SegmentInfo],
         rerank_scores: np.ndarray,
-        fusion: str,
+        fusion: Fusion,
         k: int,
     ) -> list[VideoHit]:
-        """Score segments, then keep each video's best segment; reranked segments rank ahead
-        of the ones only retrieved (their scores are not on the same scale)."""
-        n_reranked = len(rerank_scores)
-        best: dict[int, tuple[tuple[int, float], SegmentHit, SegmentInfo]] = {}
-        for row, (sid, sim) in enumerate(zip(ids.tolist(), sims.tolist())):
-            seg = info.get(sid)
-            if seg is None or seg.removed:
-                continue
-            reranked = row < n_reranked
-            logit = float(rerank_scores[row]) if reranked else None
-            if logit is None:
-                score = sim
-            else:
-                score = logit if fusion == "rerank" else sim + logit
-            key = (1 if reranked else 0, score)
-            hit = SegmentHit(sid, seg.start_s, seg.end_s, float(sim), logit, float(score))
-            if seg.video_id not in best or key > best[seg.video_id][0]:
-                best[seg.video_id] = (key, hit, seg)
-        ranked = sorted(best.items(), key=lambda item: item[1][0], reverse=True)[:k]
-        # The video's path (as shown, = its SQL text) and length came with the segment rows.
-        return [
-            VideoHit(rank + 1, vid, shown(seg.path), seg.duration, hit.score, hit)
-            for rank, (vid, (_, hit, seg)) in enumerate(ranked)
-        ]
+        """The top `k` videos by the ranking rule (pvl_search.ranking), each with its best
+        segment; `rerank_scores` belong to the first rows of `ids`."""
+        rows = np.asarray([row for row, sid in enumerate(ids.tolist())
+                           if (seg := info.get(sid)) is not None and not seg.removed], dtype=np.int64)
+        if len(rows) == 0:
+            return []
+        sims = np.asarray(sims)[rows]
+        n_reranked = int((rows < len(rerank_scores)).sum())  # reranked rows come first
+        logits = np.asarray(rerank_scores)[rows[:n_reranked]]
+        keys = segment_keys(sims, np.arange(n_reranked), fuse(sims[:n_reranked], logits, fusion))
+        videos, best = best_segment_ranking(keys, np.asarray([info[int(ids[r])].video_id for r in rows]))
+        hits = []
+        for rank, (vid, row) in enumerate(zip(videos[:k].tolist(), best[:k].tolist())):
+            sid = int(ids[rows[row]])
+            seg = info[sid]
+            logit = float(logits[row]) if row < n_reranked else None
+            hit = SegmentHit(sid, seg.start_s, seg.end_s, float(sims[row]), logit, float(keys.score[row]))
+            # The video's path (as shown, = its SQL text) and length came with the segment rows.
+            hits.append(VideoHit(rank + 1, vid, shown(seg.path), seg.duration, hit.score, hit))
+        return hits
 
     def counts(self) -> tuple[int, int]:
         """(indexed videos, searchable segments) in the index as it is on disk now."""
-        with self._current() as store, store.db.sessions() as s:
-            videos = s.scalar(select(func.count()).select_from(Video).where(Video.status == VideoStatus.INDEXED.value))
-            segments = s.scalar(select(func.count()).select_from(Segment).where(Segment.removed.is_(False)))
-        return int(videos or 0), int(segments or 0)
+        with self._current() as store:
+            return store.counts()
 
     def video(self, video_id: int) -> dict:
         """Metadata of one video and its segments (for `GET /videos/{id}`); NotFoundError
         when the index has no such video. `path` is the readable form (indexer/paths.py)."""
-        with self._current() as store, store.db.sessions() as s:
-            video = s.get(Video, video_id)
-            if video is None:
-                raise NotFoundError(f"no video with id {video_id}")
-            segments = s.scalars(
-                select(Segment).where(Segment.video_id == video_id, Segment.removed.is_(False)).order_by(Segment.start_s)
-            ).all()
-            return {
-                "id": video.id, "path": video.path, "status": video.status, "duration": video.duration,
-                "fps": video.fps, "width": video.width, "height": video.height, "error": video.error,
-                "created_at": video.created_at.isoformat() if video.created_at else None,
-                "segments": [{"id": seg.id, "start_s": seg.start_s, "end_s": seg.end_s} for seg in segments],
-            }
+        with self._current() as store:
+            details = store.video_details(video_id)
+        if details is None:
+            raise NotFoundError(f"no video with id {video_id}")
+        return details

@@ -36,7 +36,8 @@ from indexer.errors import IndexStoreError
 from indexer.row_store import fsync_dir
 
 # Measured (PERF_NOTES): batched exact queries ran 5-6x faster with BLAS from 20 queries on.
-faiss.cvar.distance_compute_blas_threshold = 20
+# FAISS keeps this process-wide; it is set where searches run, not on import.
+BLAS_THRESHOLD = 20
 
 DEFAULT_APPROX_THRESHOLD = 50_000
 EXACT_FILTER_LIMIT = 20_000  # allowed sets up to this size are searched exactly
@@ -283,6 +284,7 @@ class VectorIndex:
         xq = _as_f32(np.atleast_2d(xq), self.dim)
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
+        faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
         if allowed_ids is None:
             gpu = self._gpu_index()
             if gpu is not None:

@@ -52,21 +52,6 @@ def retrieval_metrics(ranks: Sequence[int]) -> RetrievalMetrics:
     )
 
 
-def ranks_after_rerank(first: np.ndarray, second: np.ndarray, target: Sequence[int], k: int) -> np.ndarray:
-    """Two-stage ranks: the top `k` videos by `first` (Q, V) are re-ordered by `second`
-    (Q, V); a target outside the top k keeps its first-stage rank (which is > k)."""
-    first = np.asarray(first, dtype=np.float64)
-    second = np.asarray(second, dtype=np.float64)
-    ranks = ranks_from_scores(first, target)
-    k = min(k, first.shape[1])
-    top = np.argsort(-first, axis=1, kind="stable")[:, :k]  # (Q, k)
-    rescored = np.take_along_axis(second, top, axis=1)
-    truth = second[np.arange(len(target)), np.asarray(target)][:, None]
-    inside = ranks <= k
-    ranks[inside] = (rescored >= truth).sum(axis=1)[inside]
-    return ranks
-
-
 @dataclass
 class PairedChange:
     """How a method changes top-1 results against a baseline on the same queries."""

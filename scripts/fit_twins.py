@@ -2,7 +2,7 @@
 
 Trains a fresh model on the first N training videos of a captions file for many epochs and
 scores it on those same videos: top-1 within each scene's hard-negative twins and group R@1
-(see twin_accuracy.py). If a configuration cannot separate twins it was trained on, no
+(see pvl_search.experiments.twins). If a configuration cannot separate twins it was trained on, no
 amount of data will make it separate unseen ones.
 
     OMP_NUM_THREADS=1 python scripts/fit_twins.py --captions /work/data/synth2000/captions.json \\
@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from pvl_search.data.captions import load_captions
+from pvl_search.experiments.twins import twin_scores
+from pvl_search.metrics import group_metrics
 from pvl_search.model.config import preset
-from pvl_search.training.losses import LossWeights
 from pvl_search.model.perceiver import PerceiverVL
-from pvl_search.training.pairs import PairSet, build_frame_cache
 from pvl_search.model.tokenizer import Tokenizer
 from pvl_search.training.loop import TrainConfig, train
-from twin_accuracy import scores, twin_report
+from pvl_search.training.losses import LossWeights
+from pvl_search.training.pairs import PairSet, build_frame_cache
 
 
 def main() -> None:
@@ -52,9 +53,9 @@ def main() -> None:
                       checkpoint_every=10**9, losses=LossWeights(single_vtm=0.5, mixed_nce=1.0))
     began = time.perf_counter()
     train(model, data, None, cfg, args.out)
-    by_method, owners = scores(model, data)
+    by_method, owners = twin_scores(model, data)
     groups = np.asarray(data.groups)
-    report = {name: twin_report(s, owners, groups) for name, s in by_method.items()}
+    report = {name: group_metrics(s, owners, groups) for name, s in by_method.items()}
     print(json.dumps({"config": {"text_mixer_layers": args.text_mixer_layers, "temporal_kernel": args.temporal_kernel},
                       "videos": len(data), "epochs": args.epochs, "seconds": time.perf_counter() - began, **report},
                      indent=2))

@@ -24,7 +24,10 @@ def read_epochs(log: Path, batch_size: int) -> list[dict]:
 
 
 def plot(epochs: list[dict], out: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib: pip install 'pvl-search[plot]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -13,4 +13,6 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
+# Lint first: one style, checked (configuration in pyproject.toml).
+ruff check .
 python3 -m pytest -q "$@"

@@ -1,5 +1,6 @@
-"""Shared fixtures: a private PostgreSQL server for the storage tests, and `db_url`, which
-runs a test once on SQLite and once on PostgreSQL with a fresh database each time."""
+"""Shared fixtures: a private PostgreSQL server for the storage tests, `db_url`, which runs a
+test once on SQLite and once on PostgreSQL with a fresh database each time, and a small
+random model (`model_dir`, `runner`; a test file may define its own)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import torch
+from index_helpers import CONFIG
+
+from indexer.encoding import ModelRunner
+from pvl_search.model.checkpoint import save_model
+from pvl_search.model.perceiver import PerceiverVL
 
 
 def _pg_bin() -> Path:
@@ -119,3 +126,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     yield f"{base}/{name}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return save_model(PerceiverVL(CONFIG), tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def runner(model_dir: Path) -> ModelRunner:
+    return ModelRunner.from_folder(model_dir, device="cpu")

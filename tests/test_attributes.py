@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from pvl_search.training.attribute_heads import AttributeHeads
-from pvl_search.model.config import preset
-from pvl_search.training.losses import LossWeights, compute_losses
-from pvl_search.model.perceiver import PerceiverVL
-from pvl_search.training.pairs import FrameCache, PairSet
-from pvl_search.experiments.probes import fit_probe, probe_features, run_probes
 from pvl_search.data.scene_labels import LABEL_NAMES, LABELS, TEXT_LABELS, scene_labels
 from pvl_search.data.synth import binding_swapped, group_variants, order_swapped, sample_scene
+from pvl_search.experiments.probes import fit_probe, probe_features, run_probes
+from pvl_search.model.config import preset
+from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
+from pvl_search.training.attribute_heads import AttributeHeads
+from pvl_search.training.losses import LossWeights, compute_losses
+from pvl_search.training.pairs import FrameCache, PairSet
 
 CONFIG = preset("tiny").replace(hidden=64, heads=4, latents=8, frame_size=32, patch=8, frames=4, token_dim=16,
                                 layerdrop=0.0, embed_dim=32)

@@ -23,14 +23,15 @@ import pytest
 import torch
 import uvicorn
 from fastapi import FastAPI
-from media import write_video
 from typer.testing import CliRunner
 
 from cli import app as cli_app
 from indexer.encoding import ModelRunner
+from indexer.index_reader import IndexReader
 from indexer.index_store import IndexStore
 from indexer.pipeline import IndexOptions, build_index
 from indexer.searcher import Searcher
+from pvl_search.media.sample_files import write_video
 from pvl_search.model.checkpoint import save_model
 from pvl_search.model.config import preset
 from pvl_search.model.perceiver import PerceiverVL
@@ -96,7 +97,7 @@ class ServerThread:
     def __init__(self, app: FastAPI) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -179,7 +180,7 @@ def test_the_query_cache_answers_the_same(corpus: Corpus) -> None:
 def test_a_bfloat16_index_searched_in_float32_refuses_nothing_and_loses_nothing(
     corpus: Corpus, tmp_path: Path
 ) -> None:
-    with IndexStore(corpus.index_bf16, read_only=True) as a, IndexStore(corpus.index_f32, read_only=True) as b:
+    with IndexReader(corpus.index_bf16) as a, IndexReader(corpus.index_f32) as b:
         assert a.encode_dtype() == "bfloat16" and b.encode_dtype() == "float32"
         assert a.stats().segments == b.stats().segments
         ids = a.segment_ids()

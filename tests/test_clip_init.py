@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from pvl_search.model.config import ModelConfig, preset
+from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.training.clip_init import (
     ClipInitError,
     InitReport,
@@ -24,8 +26,6 @@ from pvl_search.training.clip_init import (
     resample_patch_kernel,
     trainable_parameters,
 )
-from pvl_search.model.config import ModelConfig, preset
-from pvl_search.model.perceiver import PerceiverVL
 
 CLIP_NAME = "pvl-test-micro-vit"  # registered from a JSON file in a tmp folder
 VISION_CFG = {"image_size": 32, "layers": 4, "width": 64, "head_width": 16, "patch_size": 8, "mlp_ratio": 4.0}

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from indexer.encoding import DEFAULT_MODEL_DIR
 from pvl_search.model.checkpoint import load_model
+from pvl_search.model.defaults import DEFAULT_MODEL_DIR
 
 
 def test_shipped_model_loads_and_has_its_card() -> None:
@@ -23,4 +23,5 @@ def test_demo_runs_end_to_end(tmp_path) -> None:
     assert "4/4 evaluating" in proc.stderr
     for method in ("multi", "mixed", "single"):
         assert method in proc.stdout
-    assert (tmp_path / "demo" / "index").is_dir() and len(list((tmp_path / "demo" / "corpus" / "videos").iterdir())) == 8
+    assert (tmp_path / "demo" / "index").is_dir()
+    assert len(list((tmp_path / "demo" / "corpus" / "videos").iterdir())) == 8

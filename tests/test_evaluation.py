@@ -10,99 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from media import write_video
 
 from indexer.encoding import ModelRunner
-from indexer.evaluation import (
-    EXHAUSTIVE,
-    MIXED,
-    MULTI,
-    ROW_HEADER,
-    SINGLE,
-    EvalError,
-    EvalProgress,
-    EvalReport,
-    candidate_order,
-    evaluate_index,
-    plot_report,
-    rank_after_rerank,
-)
-from indexer.index_store import FAISS_FILE, IndexStore
+from indexer.eval_plot import plot_report
+from indexer.eval_report import EXHAUSTIVE, MIXED, MULTI, ROW_HEADER, SINGLE, EvalError, EvalProgress, EvalReport
+from indexer.evaluation import evaluate_index
+from indexer.index_reader import IndexReader
+from indexer.index_store import IndexStore
 from indexer.pipeline import IndexOptions, build_index
 from indexer.searcher import Searcher
+from indexer.store_records import FAISS_FILE
+from pvl_search.media.sample_files import write_video
 from pvl_search.model.checkpoint import save_model
 from pvl_search.model.config import preset
-from pvl_search.metrics import ranks_from_scores
 from pvl_search.model.perceiver import PerceiverVL
-
-# ------------------------------------------------------------------ rank logic, by hand
-
-ONE_SEGMENT_EACH = np.arange(5)  # segment i is video i
-
-
-def test_candidate_order_breaks_ties_by_segment_id() -> None:
-    sims = np.array([0.5, 0.9, 0.5, 0.1, 0.9])
-    assert candidate_order(sims).tolist() == [1, 4, 0, 2, 3]
-    assert candidate_order(sims, np.array([9, 8, 7, 6, 5])).tolist() == [4, 1, 2, 0, 3]
-
-
-def test_gt_inside_k_moves_with_the_rerank() -> None:
-    sims = np.array([0.9, 0.8, 0.7, 0.6, 0.5])  # retrieval order 0 1 2 3 4
-    cand = candidate_order(sims)[:3]
-    # Video 2 (retrieval rank 3) gets the best rerank score: first; video 0 drops to third.
-    fused = np.array([1.0, 2.0, 5.0])  # for videos 0, 1, 2
-    assert rank_after_rerank(sims, ONE_SEGMENT_EACH, 2, cand, fused) == 1
-    assert rank_after_rerank(sims, ONE_SEGMENT_EACH, 1, cand, fused) == 2
-    assert rank_after_rerank(sims, ONE_SEGMENT_EACH, 0, cand, fused) == 3
-    # K = everything: a plain ranking by the rerank score.
-    full = np.array([0.0, 3.0, 1.0, 4.0, 2.0])
-    everything = candidate_order(sims)
-    got = [rank_after_rerank(sims, ONE_SEGMENT_EACH, t, everything, full[everything]) for t in range(5)]
-    assert got == ranks_from_scores(np.tile(full, (5, 1)), range(5)).tolist() == [5, 2, 4, 1, 3]
-
-
-def test_gt_outside_k_keeps_its_retrieval_rank() -> None:
-    sims = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
-    cand = candidate_order(sims)[:2]
-    terrible = np.array([-100.0, -200.0])  # reranked videos still stay ahead of the rest
-    for target in (2, 3, 4):
-        assert rank_after_rerank(sims, ONE_SEGMENT_EACH, target, cand, terrible) == target + 1
-    assert rank_after_rerank(sims, ONE_SEGMENT_EACH, 1, cand, terrible) == 2
-
-
-def test_ties_count_against_the_model() -> None:
-    sims = np.array([0.9, 0.8, 0.7, 0.7, 0.5])
-    cand = candidate_order(sims)[:3]  # 0, 1, 2
-    # Inside K: the gt ties with another reranked video -> the worse of the two ranks.
-    fused = np.array([3.0, 3.0, 1.0])
-    assert rank_after_rerank(sims, ONE_SEGMENT_EACH, 0, cand, fused) == 2
-    assert rank_after_rerank(sims, ONE_SEGMENT_EACH, 1, cand, fused) == 2
-    # Outside K: video 3 ties in retrieval with video 2 (which is inside): counted as ahead.
-    assert rank_after_rerank(sims, ONE_SEGMENT_EACH, 3, cand, fused) == 4
-    # Both outside and tied with each other: each ranks behind the other.
-    cand2 = candidate_order(sims)[:2]
-    assert rank_after_rerank(sims, ONE_SEGMENT_EACH, 2, cand2, fused[:2]) == 4
-    assert rank_after_rerank(sims, ONE_SEGMENT_EACH, 3, cand2, fused[:2]) == 4
-
-
-def test_a_video_ranks_by_its_best_reranked_segment() -> None:
-    # Segments 0,1 -> video 0; 2,3 -> video 1; 4 -> video 2.
-    seg_video = np.array([0, 0, 1, 1, 2])
-    sims = np.array([0.9, 0.1, 0.8, 0.7, 0.75])
-    cand = candidate_order(sims)[:3]  # segments 0, 2, 4: every video has one reranked
-    assert cand.tolist() == [0, 2, 4]
-    fused = np.array([1.0, 2.0, 0.5])
-    assert [rank_after_rerank(sims, seg_video, v, cand, fused) for v in range(3)] == [2, 1, 3]
-    # K = 2 segments: videos 0 and 1 reranked, video 2 (retrieval rank 3) stays third.
-    cand = candidate_order(sims)[:2]
-    assert [rank_after_rerank(sims, seg_video, v, cand, fused[:2]) for v in range(3)] == [2, 1, 3]
-    # Video 1's second segment is reranked too: its best fused score counts.
-    cand = candidate_order(sims)[:4]  # 0, 2, 4, 3
-    assert [rank_after_rerank(sims, seg_video, v, cand, np.array([1.0, -5.0, 0.5, 4.0])) for v in range(3)] == [
-        2, 1, 3]
-    # Same answer when the per-video retrieval scores are handed in.
-    assert rank_after_rerank(sims, seg_video, 2, cand[:2], fused[:2], np.array([0.9, 0.8, 0.75])) == 3
-
 
 # ------------------------------------------------------------------ a tiny real index
 
@@ -199,7 +120,7 @@ def direct_ranks(corpus: dict) -> dict[tuple[str, int | None], list[int]]:
     """The evaluation recomputed the plain way: per video, per segment, from the store."""
     runner: ModelRunner = corpus["runner"]
     out: dict[tuple[str, int | None], list[int]] = {}
-    with IndexStore(corpus["index"], read_only=True) as store:
+    with IndexReader(corpus["index"]) as store:
         ids = store.segment_ids()
         info = store.segments(ids)
         video_of = {str(p): i for i, p in enumerate(corpus["paths"])}

@@ -11,61 +11,39 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from index_helpers import CONFIG, assert_invariant, disk_rows, pattern, pvl_search, video
 from sqlalchemy import create_engine, select
 from typer.testing import CliRunner
 
 from cli import app
 from indexer.encoding import ModelRunner
 from indexer.errors import IndexStoreError, ModelMismatchError
-from indexer.index_store import EMBEDDINGS_FILE, LATENTS_FILE, RERANK_FILE, IndexStats, IndexStore
+from indexer.index_reader import IndexReader
+from indexer.index_store import IndexStore
 from indexer.pipeline import IndexOptions, IndexSummary, build_index
-from indexer.row_store import HEADER_SIZE
 from indexer.schema import Segment, Video
-from media import truncate, write_image, write_video
-from pvl_search.model.checkpoint import save_model, weights_fingerprint
-from pvl_search.model.config import preset
+from indexer.store_records import EMBEDDINGS_FILE, LATENTS_FILE, RERANK_FILE
 from pvl_search.media.decode_pool import DecodePool
-from pvl_search.model.perceiver import PerceiverVL
+from pvl_search.media.sample_files import truncate, write_image
 from pvl_search.media.video import Windows
+from pvl_search.model.checkpoint import save_model, weights_fingerprint
+from pvl_search.model.perceiver import PerceiverVL
 
-# Small enough that encoding is instant; the pipeline does not care about the size.
-CONFIG = preset("tiny").replace(
-    hidden=64, heads=4, latents=8, blocks=1, self_layers=1, frame_size=32, patch=8, frames=4,
-    token_dim=16, embed_dim=32,
-)
 F16_TOL = {"rtol": 2e-3, "atol": 2e-3}  # stored as float16: ~3 significant digits
 
 
-def pattern(seed: int):  # noqa: ANN201 - a media.FrameFn
-    """Frames of coloured blocks drawn from `seed`: videos that a model can tell apart."""
-
-    def frame(index: int, width: int, height: int) -> np.ndarray:
-        rng = np.random.default_rng(seed * 1000 + index // 2)
-        blocks = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
-        return np.ascontiguousarray(blocks.repeat(8, 0).repeat(8, 1)[:height, :width])
-
-    return frame
 
 
-def video(path: Path, seed: int, seconds: float = 2.0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write_video(path, seconds=seconds, frame_fn=pattern(seed))
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    return save_model(PerceiverVL(CONFIG), tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +52,6 @@ def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model(PerceiverVL(CONFIG), tmp_path_factory.mktemp("other-model"))
 
 
-@pytest.fixture(scope="module")
-def runner(model_dir: Path) -> ModelRunner:
-    return ModelRunner.from_folder(model_dir, device="cpu")
 
 
 def options(**changes: object) -> IndexOptions:
@@ -94,38 +69,8 @@ def index(folder: Path, db_url: str, paths: list[Path], runner: ModelRunner, **c
 # -- reading an index back ------------------------------------------------------------
 
 
-def disk_rows(folder: Path, name: str, width: int) -> int:
-    """Rows in a float16 row store file, from its size on disk."""
-    return ((folder / name).stat().st_size - HEADER_SIZE) // (2 * width)
 
 
-def assert_invariant(folder: Path, db_url: str) -> tuple[IndexStats, dict[str, list[int]]]:
-    """Opened read-only, as a searcher would: every FAISS id is a live SQL segment of an
-    indexed video with readable store rows, nothing is in FAISS twice, every live segment is
-    in FAISS, segment ids are exactly the committed row numbers and the store files hold at
-    least those rows. Returns the stats and path -> live segment ids."""
-    with IndexStore(folder, db_url, read_only=True) as store:
-        stats = store.stats()
-        rows = stats.rows
-        ids = store.vectors.ids()
-        assert len(ids) == len(set(ids.tolist())), "an id is in FAISS twice"
-        live = store.segment_ids()
-        assert sorted(ids.tolist()) == live.tolist()
-        everything = store.segments(np.arange(rows))
-        assert sorted(everything) == list(range(rows))  # ids = row numbers, no gap
-        known = store.known_videos()
-        per_video: dict[str, list[int]] = {}
-        for i in ids.tolist():
-            segment = everything[i]
-            assert not segment.removed and known[segment.path].status == "indexed"
-            per_video.setdefault(segment.path, []).append(i)
-        if len(ids):
-            assert np.isfinite(store.embeddings(ids)).all() and np.isfinite(store.rerank_states(ids)).all()
-        assert stats.vectors == stats.segments == len(ids)
-        assert stats.segments + stats.removed_segments == rows
-        for name, width in ((EMBEDDINGS_FILE, CONFIG.embed_dim), (RERANK_FILE, CONFIG.rerank_state_width)):
-            assert disk_rows(folder, name, width) >= rows  # more only while a writer is mid-add
-    return stats, {path: sorted(v) for path, v in per_video.items()}
 
 
 def fresh_encode(runner: ModelRunner, paths: list[Path], opts: IndexOptions) -> dict[str, tuple[list, object]]:
@@ -136,13 +81,13 @@ def fresh_encode(runner: ModelRunner, paths: list[Path], opts: IndexOptions) -> 
     with DecodePool(1, 30.0) as pool:
         for key, clips in pool.imap(jobs):
             assert not isinstance(clips, Exception), clips
-            frames, masks = np.stack([c.frames for c in clips]), np.stack([c.mask for c in clips])
+            frames, masks = np.stack([c.frames for c in clips.clips]), np.stack([c.mask for c in clips.clips])
             out[key] = (clips.spans, runner.encode_clips(frames, masks, keep_latents=True))
     return out
 
 
 def assert_rows_match_fresh_encode(folder: Path, db_url: str, runner: ModelRunner, opts: IndexOptions) -> None:
-    with IndexStore(folder, db_url, read_only=True) as store:
+    with IndexReader(folder, db_url) as store:
         segments = store.segments(store.segment_ids())
         paths = sorted({s.path for s in segments.values()})
         expected = fresh_encode(runner, [Path(p) for p in paths], opts)
@@ -200,7 +145,7 @@ def test_index_then_add_change_delete(db_url: str, tmp_path: Path, runner: Model
     # new ids appended after every row that existed before.
     old_a, new_a = before[str(a)], after[str(a)]
     assert set(old_a).isdisjoint(new_a) and min(new_a) >= 3
-    with IndexStore(folder, db_url, read_only=True) as store:
+    with IndexReader(folder, db_url) as store:
         gone = store.segments(old_a + before[str(b)])
         assert all(s.removed for s in gone.values()) and len(gone) == 2
         assert set(store.vectors.ids().tolist()).isdisjoint(old_a + before[str(b)])
@@ -360,20 +305,13 @@ def test_cli_index_and_status(db_url: str, tmp_path: Path, model_dir: Path) -> N
 CRASH_VIDEOS = 24
 
 
-def pvl_search() -> str:
-    """The installed console script (next to this interpreter, else on PATH)."""
-    beside = Path(sys.executable).parent / "pvl-search"
-    found = str(beside) if beside.exists() else shutil.which("pvl-search")
-    if not found:
-        pytest.fail("the pvl-search command is not installed (pip install -e .)", pytrace=False)
-    return found
 
 
 def committed_videos(folder: Path, db_url: str, reader: list) -> int:
     """Videos a reader sees indexed now (0 while there is no index yet)."""
     try:
         if not reader:
-            reader.append(IndexStore(folder, db_url, read_only=True))
+            reader.append(IndexReader(folder, db_url))
         reader[0].refresh()
         return reader[0].stats().videos["indexed"]
     except IndexStoreError:  # the writer has not created the index yet
@@ -414,7 +352,7 @@ def test_sigkill_mid_run_loses_nothing_committed(db_url: str, tmp_path: Path, mo
     print(f"killed after {len(committed)} of {CRASH_VIDEOS} videos")
     assert 3 <= len(committed) < CRASH_VIDEOS, "the kill did not land mid-run"
     assert stats.videos["indexed"] == len(committed) == stats.segments == stats.rows
-    with IndexStore(folder, db_url, read_only=True) as store:
+    with IndexReader(folder, db_url) as store:
         ids = [i for v in committed.values() for i in v]
         kept = store.embeddings(ids), store.rerank_states(ids)
 
@@ -431,6 +369,6 @@ def test_sigkill_mid_run_loses_nothing_committed(db_url: str, tmp_path: Path, mo
     assert disk_rows(folder, EMBEDDINGS_FILE, CONFIG.embed_dim) == CRASH_VIDEOS  # orphans dropped
     assert disk_rows(folder, RERANK_FILE, CONFIG.rerank_state_width) == CRASH_VIDEOS
     assert {p: final[p] for p in committed} == committed  # same ids: the same rows as before
-    with IndexStore(folder, db_url, read_only=True) as store:
+    with IndexReader(folder, db_url) as store:
         np.testing.assert_array_equal(store.embeddings(ids), kept[0])
         np.testing.assert_array_equal(store.rerank_states(ids), kept[1])

@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from media import write_video
 
 from indexer.encoding import ModelRunner
-from indexer.evaluation import LATENT, MIXED, MULTI, evaluate_index, twin_hits, video_keys
+from indexer.eval_report import LATENT, MIXED, MULTI
+from indexer.evaluation import evaluate_index
 from indexer.index_store import IndexStore
 from indexer.pipeline import IndexOptions, build_index
 from indexer.request import SearchError
 from indexer.searcher import Searcher
+from pvl_search.media.sample_files import write_video
 from pvl_search.model.checkpoint import CheckpointError, load_search_defaults, save_model
 from pvl_search.model.config import preset
 from pvl_search.model.perceiver import PerceiverVL
@@ -103,14 +104,6 @@ def test_twin_metrics_equal_a_direct_computation(corpus: dict) -> None:
         assert multi["group_r1"] == pytest.approx(100 * np.mean(first))
         assert multi["queries"] == len(within)
         assert multi["within_group_top1:heldout"] == pytest.approx(100 * np.mean(within[:2]))
-
-
-def test_video_keys_put_reranked_videos_first() -> None:
-    keys = video_keys(np.array([0.9, 0.5, 0.1]), np.array([0, 1, 2]), np.array([2, 1]), np.array([-3.0, -4.0]))
-    assert np.argsort(-keys).tolist() == [2, 1, 0]  # reranked (by fused score), then retrieved
-    assert twin_hits(keys, 2, np.array([False, True, True])) == (True, True)
-    assert twin_hits(keys, 1, np.array([False, True, True])) == (False, True)
-    assert twin_hits(keys, 0, np.array([True, True, False])) == (False, False)
 
 
 def test_auto_follows_the_model_folders_search_defaults(corpus: dict, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pvl_search.metrics import paired_top1_change, ranks_after_rerank, ranks_from_scores, retrieval_metrics
+from pvl_search.metrics import paired_top1_change, ranks_from_scores, retrieval_metrics
 
 
 def test_ranks_on_a_hand_made_matrix() -> None:
@@ -39,16 +39,6 @@ def test_bad_input_is_refused() -> None:
         retrieval_metrics([0, 1])
     with pytest.raises(ValueError):
         ranks_from_scores(np.zeros((2, 3)), [0])
-
-
-def test_rerank_reorders_only_the_first_stage_top_k() -> None:
-    first = np.array([[0.9, 0.8, 0.7, 0.1], [0.9, 0.8, 0.7, 0.1], [0.1, 0.2, 0.3, 0.9]])
-    second = np.array([[0.0, 0.0, 5.0, 9.0], [0.0, 0.0, 5.0, 9.0], [1.0, 0.0, 0.0, 0.0]])
-    # query 0: target 2 is third by the first stage, first among the top 3 by the second;
-    # query 1: target 3 is outside the top 3, so its second-stage score is never seen;
-    # query 2: target 0 is outside the top 3 (rank 4) even though it wins the second stage.
-    assert ranks_after_rerank(first, second, [2, 3, 0], k=3).tolist() == [1, 4, 4]
-    assert ranks_after_rerank(first, second, [2, 3, 0], k=4).tolist() == [2, 1, 1]
 
 
 def test_paired_top1_change_and_sign_test() -> None:

@@ -261,7 +261,8 @@ def test_save_load_identical(tmp_path) -> None:
     frames, ids = random_video(MICRO), random_text(MICRO, length=4)
     with torch.no_grad():
         assert torch.equal(model.encode_video(frames).latents, loaded.encode_video(frames).latents)
-        assert torch.equal(model.single_stream_scores(frames, None, ids), loaded.single_stream_scores(frames, None, ids))
+        pair = model.single_stream_scores(frames, None, ids)
+        assert torch.equal(pair, loaded.single_stream_scores(frames, None, ids))
     assert loaded.config == MICRO
     assert len(weights_fingerprint(tmp_path / "m")) == 64
 
@@ -287,7 +288,8 @@ def test_truncated_weights_file_is_a_clear_error(tmp_path) -> None:
 def test_mismatched_config_names_the_tensor(tmp_path) -> None:
     save_model(make_model(), tmp_path / "m")
     MICRO.replace(latents=16).save(tmp_path / "m" / "config.json")
-    with pytest.raises(CheckpointError, match=r"tensor .encoder\.latent.*has shape \(8, 64\), the config needs \(16, 64\)"):
+    wrong = r"tensor .encoder\.latent.*has shape \(8, 64\), the config needs \(16, 64\)"
+    with pytest.raises(CheckpointError, match=wrong):
         load_model(tmp_path / "m")
 
 

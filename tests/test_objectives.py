@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from pvl_search.model.config import preset
-from pvl_search.training.losses import LossWeights, compute_losses, contrastive_loss, hard_negatives, mlm_mask
 from pvl_search.model.perceiver import PerceiverVL
+from pvl_search.training.losses import LossWeights, compute_losses, contrastive_loss, hard_negatives, mlm_mask
 
 CONFIG = preset("tiny").replace(
     hidden=96, heads=4, latents=16, frame_size=32, patch=8, frames=4, token_dim=32, layerdrop=0.5

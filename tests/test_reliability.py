@@ -17,86 +17,50 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta, timezone
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
-from sqlalchemy import select, text
-from test_indexer import CONFIG, assert_invariant, pvl_search, video
+from index_helpers import (
+    UNPRIVILEGED,
+    assert_invariant,
+    assert_one_error_line,
+    cli,
+    cli_env,
+    index,
+    index_state,
+    pvl_search,
+    video,
+)
+from sqlalchemy import text
 
 from indexer.database import server_engine
 from indexer.encoding import ModelRunner
 from indexer.errors import DatabaseAccessError
-from indexer.index_store import FAISS_FILE, IndexStore
-from indexer.pipeline import IndexOptions, build_index
-from indexer.request import search_request
-from indexer.schema import Video
+from indexer.index_reader import IndexReader
+from indexer.index_store import IndexStore
 from indexer.searcher import Searcher
-from pvl_search.model.checkpoint import save_model
-from pvl_search.model.perceiver import PerceiverVL
+from indexer.store_records import FAISS_FILE
 
 REPO = Path(__file__).resolve().parent.parent
-OPTIONS = IndexOptions(window_s=10.0, stride_s=5.0, batch_size=4, workers=1, timeout_s=30.0)
-# As root, permissions bind only a process without these capabilities (how the issue's
-# probe made a file unreadable); as another user they bind anyway.
-UNPRIVILEGED = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
-TOKEN = "reliability-test-token-0123456789"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    return save_model(PerceiverVL(CONFIG), tmp_path_factory.mktemp("model"))
 
 
-@pytest.fixture(scope="module")
-def runner(model_dir: Path) -> ModelRunner:
-    return ModelRunner.from_folder(model_dir, device="cpu")
 
 
-def index(folder: Path, paths: list[Path], runner: ModelRunner, db_url: str | None = None):  # noqa: ANN201
-    with IndexStore(folder, db_url) as store:
-        return build_index(paths, store, runner, OPTIONS)
 
 
-def cli_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 
 
-def cli(*args: str, prefix: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The installed command, as a user runs it."""
-    return subprocess.run([*(prefix or []), pvl_search(), *args], capture_output=True, text=True, timeout=600,
-                          env=env or cli_env())
 
 
-def assert_one_error_line(proc: subprocess.CompletedProcess, *words: str) -> str:
-    """Exit code 1 and exactly one line on stderr, `error: ...`, naming what failed."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
-def index_state(folder: Path, db_url: str | None = None) -> tuple:
-    """Everything a rerun must leave as it was: per-video rows, counts and the stored rows."""
-    with IndexStore(folder, db_url, read_only=True) as store:
-        stats = store.stats()
-        ids = store.segment_ids()
-        with store.db.sessions() as s:
-            videos = s.execute(select(Video.id, Video.path, Video.path_bytes, Video.status, Video.error,
-                                      Video.size, Video.mtime, Video.fingerprint).order_by(Video.id)).all()
-        return ([tuple(v) for v in videos], stats.videos, stats.rows, stats.segments, ids.tolist(),
-                store.embeddings(ids).tobytes() if len(ids) else b"")
 
 
 # -- indexing: bad entries, aliases, the rebuild lock --------------------------------------
@@ -150,11 +114,11 @@ def test_bad_entries_fail_alone_and_a_rerun_changes_nothing(tmp_path: Path, runn
     video(media / "nowhere.mp4", seed=6)
     fixed = index(folder, [media], runner)
     assert (fixed.indexed, fixed.removed, fixed.failed) == (2, 2, {})
-    with IndexStore(folder, read_only=True) as store:
+    with IndexReader(folder) as store:
         known = store.known_videos()
     assert known[str(media / "dangling.mp4")].status == known[str(locked)].status == "removed"
     assert known[str(media / "nowhere.mp4")].status == known[str(locked / "c.mp4")].status == "indexed"
-    with IndexStore(folder, read_only=True) as store:
+    with IndexReader(folder) as store:
         shown = dict(store.stats().recent_failures)
         assert f"{media}/bad\\xff name.mp4" in shown  # readable where people see it
     # Round trip: the stored path opens the same file; single-stream rerank decodes it again.
@@ -383,176 +347,3 @@ def test_bad_arguments_and_model_configs_are_one_line(tmp_path: Path, model_dir:
         results = dict(zip(cases, pool.map(lambda args: cli(*args), cases)))
     for args, words in cases.items():
         assert_one_error_line(results[args], *words)
-
-
-# -- filters mean the same on every backend ----------------------------------------------
-
-
-def test_since_and_glob_mean_the_same_on_every_backend(db_url: str, tmp_path: Path, runner: ModelRunner) -> None:
-    media, folder = tmp_path / "media", tmp_path / "idx"
-    lower = video(media / "news" / "clip.mp4", seed=1)
-    upper = video(media / "News" / "Clip.mp4", seed=2)
-    bracket = video(media / "x" / "a[1].mp4", seed=3)
-    index(folder, [media], runner, db_url)
-    with IndexStore(folder, db_url, read_only=True) as store, store.db.sessions() as s:
-        added = s.scalars(select(Video.created_at)).all()
-    assert all(t.tzinfo is not None and t.utcoffset() == timedelta(0) for t in added)  # aware UTC
-    first, last = min(added), max(added)
-
-    def found(**given: object) -> set[str]:
-        request = search_request("anything", k=10, **given)
-        with Searcher(folder, db_url=db_url, runner=runner) as searcher:
-            return {hit.path for hit in searcher.run(request).hits}
-
-    everything = {str(lower), str(upper), str(bracket)}
-    # The same instants written with far-apart offsets: +14:00 a minute before, -05:00 after.
-    before = (first - timedelta(minutes=1)).astimezone(timezone(timedelta(hours=14))).isoformat()
-    after = (last + timedelta(minutes=1)).astimezone(timezone(timedelta(hours=-5))).isoformat()
-    assert found(since=before) == everything
-    assert found(since=after) == set()
-    assert found(since=str((first - timedelta(minutes=1)).timestamp())) == everything  # seconds since 1970
-    # Globs are case-sensitive everywhere, * and ? are the only wildcards.
-    assert found(glob="*/news/*") == {str(lower)}
-    assert found(glob="*/News/C?ip.mp4") == {str(upper)}
-    assert found(glob="*/NEWS/*") == set()
-    assert found(glob="*/a[1].mp4") == {str(bracket)}
-
-
-# -- the server ---------------------------------------------------------------------------
-
-
-def start_server(index_dir: Path, model_dir: Path, log: Path, *, db_url: str | None = None,
-                 host: str = "127.0.0.1", prefix: list[str] | None = None, **options: object) -> tuple[subprocess.Popen, str]:
-    """A real `server.serve` process on a free port; returns it and its base URL."""
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in options.items())
-    code = (f"import server; server.serve({str(index_dir)!r}, host={host!r}, port=0, db_url={db_url!r}, "
-            f"model_dir={str(model_dir)!r}, device='cpu', on_ready=lambda url: print('READY', url, flush=True)"
-            f"{', ' + kwargs if kwargs else ''})")
-    env = {**cli_env(), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*(prefix or []), sys.executable, "-c", code], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while True:
-        ready = [line for line in log.read_text().splitlines() if line.startswith("READY ")]
-        if ready:
-            port = ready[0].rsplit(":", 1)[1]
-            return proc, f"http://127.0.0.1:{port}"
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start:\n{log.read_text()}", pytrace=False)
-        time.sleep(0.1)
-
-
-def stop_server(proc: subprocess.Popen, log: Path) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    assert "Traceback" not in log.read_text()
-
-
-def test_the_server_follows_its_index_folder(tmp_path: Path, runner: ModelRunner, model_dir: Path) -> None:
-    media, folder, log = tmp_path / "media", tmp_path / "idx", tmp_path / "server.log"
-    for i in range(2):
-        video(media / f"v{i}.mp4", seed=i)
-    index(folder, [media], runner)
-    # Beyond loopback (so with a token), paths shown relative to the media folder.
-    proc, url = start_server(folder, model_dir, log, host="0.0.0.0", prefix=UNPRIVILEGED, token=TOKEN,
-                             path_root=str(media))
-    try:
-        with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
-            assert client.get("/health").json()["videos"] == 2
-            assert client.get("/docs").status_code == 404  # off beyond loopback unless asked for
-            hit = client.get("/search", params={"q": "anything"}).json()["hits"][0]
-            assert hit["path"] in ("v0.mp4", "v1.mp4")
-            assert client.get(f"/videos/{hit['video_id']}").json()["path"] == hit["path"]
-
-            # Deleted: 503 with one line. Restored (a copy: new files): the same counts again.
-            backup = tmp_path / "backup"
-            shutil.move(folder, backup)
-            gone = client.get("/health")
-            assert gone.status_code == 503 and "no index" in gone.json()["detail"]
-            assert "\n" not in gone.json()["detail"]
-            shutil.copytree(backup, folder)
-            assert client.get("/health").json()["videos"] == 2
-
-            # Rebuilt in place with more videos: fresh counts at once, every time, and searchable.
-            shutil.rmtree(folder)
-            video(media / "v2.mp4", seed=2)
-            index(folder, [media], runner)
-            counts = {(h["videos"], h["segments"]) for h in (client.get("/health").json() for _ in range(6))}
-            assert counts == {(3, 3)}
-            search = client.get("/search", params={"q": "anything", "k": 10})
-            assert search.status_code == 200 and len(search.json()["hits"]) == 3
-
-            # Unreadable: 503 with a one-line reason; readable again: answers again, no restart.
-            folder.chmod(0)
-            try:
-                for response in (client.get("/health"), client.get("/search", params={"q": "x"})):
-                    assert response.status_code == 503, response.text
-                    assert response.json()["detail"] and "\n" not in response.json()["detail"]
-            finally:
-                folder.chmod(0o755)
-            assert client.get("/health").json()["videos"] == 3
-    finally:
-        stop_server(proc, log)
-
-
-def test_a_burst_of_single_stream_requests_does_not_hold_up_a_plain_search(tmp_path: Path, runner: ModelRunner,
-                                                                           model_dir: Path) -> None:
-    media, folder, log = tmp_path / "media", tmp_path / "idx", tmp_path / "server.log"
-    for i in range(6):
-        video(media / f"v{i}.mp4", seed=i, seconds=12.0)  # 2 segments each: work to decode again
-    index(folder, [media], runner)
-    proc, url = start_server(folder, model_dir, log)
-    finished: list[str] = []  # what completed, in order
-    lock = threading.Lock()
-
-    def get(kind: str, client: httpx.Client, **params: object) -> httpx.Response:
-        response = client.get("/search", params={"q": "anything", **params})
-        with lock:
-            finished.append(f"{kind} {response.status_code}")
-        return response
-
-    try:
-        with httpx.Client(base_url=url, timeout=300) as client:
-            assert client.get("/docs").status_code == 200  # on for loopback
-            burst = 12
-            with ThreadPoolExecutor(burst + 1) as pool:
-                singles = [pool.submit(get, "single", client, rerank="single", rerank_k=64) for _ in range(burst)]
-                while not finished:  # the first refusal: the burst has reached the server
-                    time.sleep(0.01)
-                plain = pool.submit(get, "plain", client).result()
-                responses = [f.result() for f in singles]
-    finally:
-        stop_server(proc, log)
-    assert plain.status_code == 200 and plain.json()["hits"]
-    refused = [r for r in responses if r.status_code == 429]
-    assert refused and all(r.status_code in (200, 429) for r in responses)
-    assert all(int(r.headers["Retry-After"]) >= 1 and "single-stream" in r.json()["detail"] for r in refused)
-    # The plain search waited for at most the one single-stream request that was running.
-    ahead = finished[: finished.index("plain 200")]
-    assert ahead.count("single 200") <= 1, finished
-
-
-def test_the_server_answers_503_while_postgres_is_down_and_recovers(private_postgres, tmp_path: Path,
-                                                                     runner: ModelRunner, model_dir: Path) -> None:
-    url, folder, log = private_postgres.url, tmp_path / "idx", tmp_path / "server.log"
-    index(folder, [video(tmp_path / "media" / "a.mp4", seed=1)], runner, url)
-    proc, base = start_server(folder, model_dir, log, db_url=url)
-    try:
-        with httpx.Client(base_url=base, timeout=120) as client:
-            assert client.get("/health").json()["videos"] == 1
-            private_postgres.stop()
-            for response in (client.get("/health"), client.get("/search", params={"q": "x"})):
-                assert response.status_code == 503, response.text
-                detail = response.json()["detail"]
-                assert detail.startswith("database postgresql+psycopg://") and "\n" not in detail
-            private_postgres.start()
-            assert client.get("/health").json()["videos"] == 1
-            assert client.get("/search", params={"q": "x"}).status_code == 200
-    finally:
-        stop_server(proc, log)

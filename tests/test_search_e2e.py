@@ -15,15 +15,16 @@ import cli
 from indexer.encoding import ModelRunner
 from indexer.index_store import IndexStore
 from indexer.pipeline import IndexOptions, build_index
-from indexer.searcher import Searcher, SearchError, SearchFilters
+from indexer.request import SearchError, SearchFilters
+from indexer.searcher import Searcher
 from pvl_search.data.captions import load_captions
+from pvl_search.data.synth import generate_corpus
+from pvl_search.media.video import read_clip, to_model_input
 from pvl_search.model.checkpoint import save_model
 from pvl_search.model.config import preset
-from pvl_search.training.losses import LossWeights, compute_losses
 from pvl_search.model.perceiver import PerceiverVL
-from pvl_search.data.synth import generate_corpus
 from pvl_search.model.tokenizer import Tokenizer
-from pvl_search.media.video import read_clip, to_model_input
+from pvl_search.training.losses import LossWeights, compute_losses
 
 CONFIG = preset("tiny").replace(
     hidden=96, heads=4, latents=16, frame_size=32, patch=8, frames=4, token_dim=32, layerdrop=0.0

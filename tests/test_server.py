@@ -19,16 +19,18 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from media import write_video
+from index_helpers import stop_process
 
 from indexer.encoding import ModelRunner
+from indexer.errors import IndexStoreError
+from indexer.index_reader import IndexReader
 from indexer.index_store import IndexStore
 from indexer.pipeline import IndexOptions, build_index
 from indexer.searcher import Searcher
+from pvl_search.media.sample_files import write_video
 from pvl_search.model.checkpoint import save_model
 from pvl_search.model.config import preset
 from pvl_search.model.perceiver import PerceiverVL
-from indexer.errors import IndexStoreError
 from server import MAX_K, MAX_QUERY_CHARS, MAX_SINGLE_RERANK_K, create_app, serve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,7 +79,7 @@ class Served:
             build_index([self.media_dir], store, self.runner, OPTIONS)
 
     def counts(self) -> tuple[int, int]:
-        with IndexStore(self.index_dir, read_only=True) as store:
+        with IndexReader(self.index_dir) as store:
             stats = store.stats()
         return stats.videos["indexed"], stats.segments
 
@@ -127,12 +129,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
             yield served
         finally:
             if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_process(proc)
     # No traceback ever reached the log in a passing run (errors under test are handled).
     assert "Traceback" not in log_path.read_text()
 
@@ -251,7 +248,7 @@ SAME_RULES = [
 
 
 def test_the_cli_and_http_refuse_and_accept_the_same_requests(served: Served) -> None:
-    from test_indexer import pvl_search
+    from index_helpers import pvl_search
 
     def cli(options: dict) -> subprocess.CompletedProcess:
         args = [f"-{k}" if len(k) == 1 else f"--{k}" for k in options]

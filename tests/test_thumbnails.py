@@ -12,25 +12,19 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
+from index_helpers import CONFIG
 from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
 from indexer.encoding import ModelRunner
-from indexer.index_store import THUMBNAILS_DIR, IndexStore
+from indexer.index_reader import IndexReader
+from indexer.index_store import IndexStore
 from indexer.pipeline import IndexOptions, build_index
-from media import write_image, write_video
-from pvl_search.model.checkpoint import save_model
-from pvl_search.model.config import preset
-from pvl_search.model.perceiver import PerceiverVL
+from indexer.store_records import THUMBNAILS_DIR
+from pvl_search.media.sample_files import write_image, write_video
 from pvl_search.media.thumbnails import THUMBNAIL_WIDTH, clip_thumbnail, encode_jpeg, keyframe
 
-CONFIG = preset("tiny").replace(
-    hidden=64, heads=4, latents=8, blocks=1, self_layers=1, frame_size=32, patch=8, frames=4,
-    token_dim=16, embed_dim=32,
-)
 OPTIONS = dict(window_s=1.0, stride_s=0.5, workers=1)  # a 2 s video is 3 segments
 
 RED, GREEN, BLUE = (220, 30, 30), (30, 200, 40), (20, 40, 230)
@@ -40,15 +34,8 @@ def flat(rgb: tuple[int, int, int]):  # noqa: ANN201 - a media.FrameFn
     return lambda i, w, h: np.broadcast_to(np.array(rgb, np.uint8), (h, w, 3)).copy()
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    return save_model(PerceiverVL(CONFIG), tmp_path_factory.mktemp("model"))
 
 
-@pytest.fixture(scope="module")
-def runner(model_dir: Path) -> ModelRunner:
-    return ModelRunner.from_folder(model_dir, device="cpu")
 
 
 def index(folder: Path, media: Path, runner: ModelRunner, db_url: str | None = None, **overrides: object):  # noqa: ANN201
@@ -58,7 +45,7 @@ def index(folder: Path, media: Path, runner: ModelRunner, db_url: str | None = N
 
 def live_segments(folder: Path, db_url: str | None = None) -> dict[int, str]:
     """Live segment id -> its video's path."""
-    with IndexStore(folder, db_url, read_only=True) as store:
+    with IndexReader(folder, db_url) as store:
         return {i: seg.path for i, seg in store.segments(store.segment_ids()).items()}
 
 
@@ -67,7 +54,7 @@ def thumbnail_ids(folder: Path) -> set[int]:
 
 
 def colour(folder: Path, segment_id: int) -> np.ndarray:
-    with IndexStore(folder, read_only=True) as store:
+    with IndexReader(folder) as store:
         data = store.thumbnails.path(segment_id).read_bytes()
     image = Image.open(io.BytesIO(data))
     assert image.format == "JPEG"
@@ -100,7 +87,7 @@ def test_thumbnails_follow_segments_through_reruns_and_removals(
     assert first.indexed == 3 and first.thumbnails_added == 0
     before = live_segments(folder, db_url)
     assert thumbnail_ids(folder) == set(before) and len(before) == first.segments == 5
-    with IndexStore(folder, db_url, read_only=True) as store:
+    with IndexReader(folder, db_url) as store:
         for segment_id, path in before.items():
             image = Image.open(store.thumbnails.path(segment_id))
             assert image.format == "JPEG" and image.size == (CONFIG.frame_size, CONFIG.frame_size)
@@ -120,7 +107,7 @@ def test_thumbnails_follow_segments_through_reruns_and_removals(
     assert thumbnail_ids(folder) == set(after) and len(after) == 2
     old_red = {i for i, p in before.items() if p == str(red)}
     assert old_red.isdisjoint(after) and not any(p == str(green) for p in after.values())
-    with IndexStore(folder, db_url, read_only=True) as store:
+    with IndexReader(folder, db_url) as store:
         (new_red,) = [i for i, p in after.items() if p == str(red)]
         rgb = np.asarray(Image.open(store.thumbnails.path(new_red)).convert("RGB"), np.float32)
         np.testing.assert_allclose(rgb.reshape(-1, 3).mean(0), GREEN, atol=12)
@@ -184,7 +171,7 @@ def test_no_thumbnails_then_the_next_run_makes_them(tmp_path: Path, model_dir: P
 
     # They are the very thumbnails indexing would have made: the same frames.
     index(fresh, media, runner)
-    with IndexStore(folder, read_only=True) as old, IndexStore(fresh, read_only=True) as new:
+    with IndexReader(folder) as old, IndexReader(fresh) as new:
         made = {(s.path, s.start_s): old.thumbnails.path(i).read_bytes()
                 for i, s in old.segments(old.segment_ids()).items()}
         indexed = {(s.path, s.start_s): new.thumbnails.path(i).read_bytes()

@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from media import CODEC_CONTAINERS, frame_index_of, truncate, write_image, write_video
 
 from pvl_search.media.decode_pool import DecodePool
+from pvl_search.media.sample_files import CODEC_CONTAINERS, frame_index_of, truncate, write_image, write_video
 from pvl_search.media.video import (
-    Windows,
     CLIP_MEAN,
     CLIP_STD,
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
     VideoDecodeError,
+    Windows,
     probe,
     read_clip,
     read_clips,
@@ -282,10 +282,10 @@ def test_pool_decodes_good_and_bad_files_in_order(
         results = list(pool.imap(jobs))
     assert [key for key, _ in results] == [key for key, *_ in jobs]
     (_, clip), (_, segments), *bad = results
-    assert len(clip) == 1 and indices(clip[0]) == [1, 3, 5, 7]
+    assert len(clip.clips) == 1 and indices(clip.clips[0]) == [1, 3, 5, 7]
     expected = read_clips(long_mp4, spans, 8, SIZE)
-    assert len(segments) == 4
-    assert all(np.array_equal(a.frames, b.frames) for a, b in zip(segments, expected))
+    assert len(segments.clips) == 4
+    assert all(np.array_equal(a.frames, b.frames) for a, b in zip(segments.clips, expected))
     for key, result in bad:
         assert isinstance(result, VideoDecodeError), key
         assert bad_files[key][1] in result.reason, (key, result)
@@ -301,9 +301,9 @@ def test_pool_cuts_windows_in_the_worker(clip_mp4: Path, long_mp4: Path, bad_fil
     long = results["long"]
     assert long.spans == segment_spans(25.0, 10.0, 5.0) and long.info.duration == pytest.approx(25.0)
     expected = read_clips(long_mp4, long.spans, 8, SIZE)
-    assert all(np.array_equal(a.frames, b.frames) for a, b in zip(long, expected))
+    assert all(np.array_equal(a.frames, b.frames) for a, b in zip(long.clips, expected))
     clip = results["clip"]  # short: one span over all of it
-    assert clip.spans == [(0.0, clip.info.duration)] and len(clip) == 1
+    assert clip.spans == [(0.0, clip.info.duration)] and len(clip.clips) == 1
     assert isinstance(results["empty"], VideoDecodeError)
 
 
@@ -319,7 +319,7 @@ def test_pool_replaces_a_worker_killed_mid_job(clip_mp4: Path) -> None:
         assert key == "a" and isinstance(result, VideoDecodeError)
         assert "decoder crashed (signal 9" in result.reason
         key, result = next(results)
-        assert key == "b" and indices(result[0]) == [1, 3, 5, 7]
+        assert key == "b" and indices(result.clips[0]) == [1, 3, 5, 7]
         assert victim not in pool.worker_pids
         wait_for(lambda: not alive(victim))
 
@@ -332,7 +332,7 @@ def test_pool_kills_a_hung_worker_and_goes_on(clip_mp4: Path) -> None:
         results = list(pool.imap([("hung", clip_mp4, None, 4, SIZE), ("next", clip_mp4, None, 4, SIZE)]))
         (_, hung), (_, good) = results
         assert isinstance(hung, VideoDecodeError) and hung.reason == "timed out after 1 s"
-        assert indices(good[0]) == [1, 3, 5, 7]
+        assert indices(good.clips[0]) == [1, 3, 5, 7]
         wait_for(lambda: not alive(victim))
 
 
@@ -345,7 +345,7 @@ def test_auto_backend_retries_a_crashed_file_with_pyav(clip_mp4: Path) -> None:
         wait_for(lambda: pool.in_flight() == {"a": victim})
         os.kill(victim, signal.SIGKILL)
         key, result = next(results)
-        assert key == "a" and indices(result[0]) == [1, 3, 5, 7]
+        assert key == "a" and indices(result.clips[0]) == [1, 3, 5, 7]
 
 
 def test_pool_runs_ahead_of_the_consumer_but_boundedly(clip_mp4: Path) -> None:
@@ -363,9 +363,8 @@ def test_pool_runs_ahead_of_the_consumer_but_boundedly(clip_mp4: Path) -> None:
 def test_pool_shuts_down_cleanly_when_the_consumer_stops_early(clip_mp4: Path) -> None:
     jobs = [(i, clip_mp4, None, 2, SIZE) for i in range(20)]
     with DecodePool(workers=2) as pool:
-        for key, _ in pool.imap(jobs):
-            pids = pool.worker_pids
-            break
+        key, _ = next(iter(pool.imap(jobs)))  # the consumer stops after the first video
+        pids = pool.worker_pids
     assert key == 0 and len(pids) == 2
     wait_for(lambda: not any(alive(pid) for pid in pids), timeout_s=10)
     assert not [t for t in threading.enumerate() if t.name == "pvl-decode-dispatch"]

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from index_helpers import ids_of
 from PIL import Image
 from sqlalchemy import select
 from typer.testing import CliRunner
@@ -28,7 +29,7 @@ from indexer.index_store import IndexStore
 from indexer.pipeline import IndexOptions, build_index
 from indexer.schema import Video
 from indexer.searcher import Searcher
-from media import write_image, write_video
+from pvl_search.media.sample_files import write_image, write_video
 from pvl_search.model.checkpoint import save_model
 from pvl_search.model.config import preset
 from pvl_search.model.perceiver import PerceiverVL
@@ -70,8 +71,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     changed = write_video(media / "changed.mp4", frame_fn=flat((30, 200, 30)), seconds=1.0)
     with IndexStore(folder) as store:
         build_index([media], store, runner, OPTIONS)
-        removed_segment = int(store.segment_ids(str(gone))[0])
-        replaced = store.segment_ids(str(changed)).tolist()
+        removed_segment = ids_of(store, str(gone))[0]
+        replaced = ids_of(store, str(changed))
     gone.unlink()
     write_video(changed, frame_fn=flat((250, 250, 250)), seconds=2.0)  # other content: re-indexed
     (media / "broken.mp4").write_bytes(b"\x00not a video" * 50)
@@ -237,7 +238,8 @@ def test_the_token_as_a_header_or_as_the_cookie_the_page_sets(site: Site) -> Non
     form = gated.get("/")
     assert form.status_code == 401 and 'action="/sign-in"' in form.text
     wrong = gated.post("/sign-in", data={"token": "not the token at all"}, follow_redirects=False)
-    assert wrong.status_code == 401 and "wrong token" in wrong.text and COOKIE not in wrong.headers.get("set-cookie", "")
+    assert wrong.status_code == 401 and "wrong token" in wrong.text
+    assert COOKIE not in wrong.headers.get("set-cookie", "")
     signed = gated.post("/sign-in", data={"token": TOKEN}, follow_redirects=False)
     assert signed.status_code == 303 and signed.headers["location"] == "/"
     cookie = signed.headers["set-cookie"].lower()

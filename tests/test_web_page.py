@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from media import write_video
+from index_helpers import pvl_search, stop_process
 
 from pvl_search.data.synth import generate_corpus
+from pvl_search.media.sample_files import write_video
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -39,14 +39,6 @@ CHROMIUM_FLAGS = (
 )  # fmt: skip
 QUERY = "a red circle moves left"
 WAIT_S = 60  # a loaded 2-core machine: generous, the waits return as soon as things happen
-
-
-def pvl_search() -> str:
-    beside = Path(sys.executable).parent / "pvl-search"
-    found = str(beside) if beside.exists() else shutil.which("pvl-search")
-    if not found:
-        pytest.fail("the pvl-search command is not installed (pip install -e .)", pytrace=False)
-    return found
 
 
 def stripes(i: int, w: int, h: int) -> np.ndarray:
@@ -85,7 +77,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             url = ""
             while not url:
                 if proc.poll() is not None:
-                    pytest.fail(f"pvl-search serve exited with {proc.returncode}:\n{log_path.read_text()}", pytrace=False)
+                    pytest.fail(f"pvl-search serve exited with {proc.returncode}:\n{log_path.read_text()}",
+                                pytrace=False)
                 if time.monotonic() > deadline:
                     pytest.fail(f"pvl-search serve did not start:\n{log_path.read_text()}", pytrace=False)
                 found = re.search(r"serving on (http://\S+)", log_path.read_text())
@@ -93,12 +86,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                 time.sleep(0.2)
             yield Served(url, videos)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
     assert "Traceback" not in log_path.read_text()
 
 
@@ -168,7 +156,8 @@ def test_search_watch_the_moment_and_filter(served: Served, browser, tmp_path: P
 
     driver = browser
     driver.get(served.url + "/")
-    h264 = driver.execute_script("return document.createElement('video').canPlayType('video/mp4; codecs=\"avc1.64000a\"')")
+    h264 = driver.execute_script(
+        "return document.createElement('video').canPlayType('video/mp4; codecs=\"avc1.64000a\"')")
     if not h264:
         pytest.fail("this Chromium cannot play H.264 MP4 (built without proprietary codecs): the playback "
                     "check cannot run here; Debian's chromium package plays it", pytrace=False)

@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from pvl_search.data.synth import COLOURS, MOTIONS, SHAPES, SIZES, Scene, _shape_mask, object_state
+from pvl_search.data.scene import SIZES, Scene
+from pvl_search.data.scene_render import shape_mask
+from pvl_search.data.synth import COLOURS, MOTIONS, SHAPES, object_state
 from pvl_search.media.video import sample_positions
 
 SLOTS = ("first", "second")
@@ -119,7 +121,7 @@ def token_labels(scene: Scene, frames: int, size: int, patch: int) -> np.ndarray
             st = object_state(scene, i, int(t))
             if st.visible:
                 cx, cy, r = st.x * size, st.y * size, st.radius * size
-                owner[_shape_mask(obj.shape, centres[None, :] - cx, centres[:, None] - cy, r)] = i
+                owner[shape_mask(obj.shape, centres[None, :] - cx, centres[:, None] - cy, r)] = i
         blocks = owner.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
         for cell, pixels in enumerate(blocks):
             counts = np.bincount(pixels[pixels >= 0], minlength=len(scene.objects))
@@ -129,5 +131,6 @@ def token_labels(scene: Scene, frames: int, size: int, patch: int) -> np.ndarray
             i = int(counts.argmax())
             event = next((e for e in scene.events if e.obj == i), None)
             acting = event is not None and event.start <= t <= event.end
-            out[f, cell] = (SHAPES.index(scene.objects[i].shape), MOTIONS.index(event.motion) if acting else TOKEN_STATIC)
+            motion = MOTIONS.index(event.motion) if acting else TOKEN_STATIC
+            out[f, cell] = (SHAPES.index(scene.objects[i].shape), motion)
     return out

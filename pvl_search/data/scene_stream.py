@@ -12,8 +12,9 @@ with `pvl_search.media.video.read_clip` into the model's frames. Scenes never us
 held-out test queries stay unseen combinations.
 
 On disk, `stream_dir/chunk-000012/` holds frames.npy, masks.npy, keys.json (a frame cache),
-and records.json (captions, group, scene; labels are derived from the scene when read). Chunks appear atomically (written
-to a temporary folder, then renamed), so a reader never sees half of one.
+and records.json (captions, group, scene; labels are derived from the scene when read).
+Chunks appear atomically (written to a temporary folder, then renamed), so a reader never
+sees half of one.
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pvl_search.training.pairs import FrameCache, PairSet
+from pvl_search.data.scene import Scene
+from pvl_search.data.scene_captions import captions_for
 from pvl_search.data.scene_labels import label_maps
-from pvl_search.data.synth import Scene, captions_for, group_variants, heldout_combinations, render_scene, sample_scene, write_mp4
-from pvl_search.model.tokenizer import Tokenizer
+from pvl_search.data.scene_render import write_mp4
+from pvl_search.data.synth import group_variants, heldout_combinations, render_scene, sample_scene
 from pvl_search.media.video import read_clip
+from pvl_search.model.tokenizer import Tokenizer
+from pvl_search.training.pairs import FrameCache, PairSet
 
 _STREAM_TAG = 11  # keeps the stream's random numbers apart from plan_corpus's
 

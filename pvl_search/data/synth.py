@@ -13,8 +13,13 @@ So one frame cannot tell `base` from `order`, and a bag of words cannot tell `ba
 `binding`. The test split also holds out (colour, shape, motion) triples that no training or
 validation video contains, to measure compositional generalisation.
 
-A `Scene` is a complete, JSON-serialisable description: `render_scene` is a pure function of
-it, so the captions file's `meta["scene"]` reproduces every video exactly.
+A `Scene` (scene.py) is a complete, JSON-serialisable description: `render_scene` is a pure
+function of it, so the captions file's `meta["scene"]` reproduces every video exactly.
+
+This module holds the benchmark's vocabulary, scene sampling and variants, `render_scene` and
+the corpus writer; the pieces they are built from live beside it: scene.py (the data types),
+scene_layout.py (random placement and timing), scene_captions.py (caption wording) and
+scene_render.py (shape masks, backgrounds, MP4 encoding).
 """
 
 from __future__ import annotations
@@ -23,20 +28,24 @@ import contextlib
 import itertools
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 
 from pvl_search.data.captions import CaptionRecord, write_captions
+from pvl_search.data.scene import STILL, Event, ObjectState, Scene
+from pvl_search.data.scene_captions import captions_for
+from pvl_search.data.scene_layout import event_amount, event_windows, place_object, sample_background
+from pvl_search.data.scene_render import render_background, shape_mask, write_mp4
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross")
 # Saturated object colours, far (in RGB) from each other and from the grey-ish backgrounds,
-# so that a colour mask over decoded yuv420p frames still finds each object.
+# so that a colour mask over decoded yuv420p frames still finds each object. A new colour
+# also needs its words in scene_captions._COLOUR_WORDS.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "green": (40, 180, 60),
@@ -45,9 +54,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 50, 190),
     "orange": (245, 140, 20),
 }
-SIZES = ("small", "large")
 MOTIONS = ("left", "right", "up", "down", "grows", "shrinks", "appears", "disappears")
-STILL = "still"  # the motion of an object that has no event
 VARIANTS = ("base", "order", "binding", "both")
 # For each variant, the group member that differs from it in exactly one factor.
 _TWINS = {"base": {"order": "order", "binding": "binding"}, "order": {"order": "base", "binding": "both"},
@@ -55,83 +62,13 @@ _TWINS = {"base": {"order": "order", "binding": "binding"}, "order": {"order": "
 SPLITS = ("train", "val", "test")
 FACTORS = ("order", "binding", "heldout")
 
-_RADIUS = {"small": (0.09, 0.1), "large": (0.14, 0.155)}  # fractions of the frame side
-_MOVE = (0.2, 0.3)  # distance of left/right/up/down, fraction of the frame side
-_GROW = (1.35, 1.5)  # final scale of `grows`
-_SHRINK = (0.5, 0.62)  # final scale of `shrinks`
-_MARGIN = 0.04  # gap kept between objects' swept boxes and to the frame edge (chroma bleeds ~2 px)
 _PIXEL_NOISE = 3.0  # std of the per-frame, per-pixel noise
 _HELDOUT_SHARE = 0.1  # share of (colour, shape, motion) triples held out for test
 _HELDOUT_TEST_GROUPS = 0.5  # share of test groups built around a held-out triple
 MIN_FRAMES = 12
 
 
-# ---------------------------------------------------------------------------- scene model
-
-
-@dataclass(frozen=True)
-class SceneObject:
-    shape: str
-    colour: str
-    size: str  # small | large: the starting size, as captions state it
-    x: float  # start centre, fraction of the frame width
-    y: float  # start centre, fraction of the frame height
-    radius: float  # half-extent, fraction of the frame side
-
-
-@dataclass(frozen=True)
-class Event:
-    obj: int  # index into Scene.objects
-    motion: str  # one of MOTIONS
-    start: int  # first frame of the event
-    end: int  # frame at which the event is complete
-    amount: float  # distance (moves) or final scale (grows/shrinks); 0 for appears/disappears
-
-
-@dataclass(frozen=True)
-class Background:
-    kind: str  # plain | gradient | noise
-    colours: tuple[tuple[int, int, int], ...]  # low-saturation colours
-    direction: str  # gradient: horizontal | vertical | diagonal; otherwise ""
-    seed: int  # noise texture seed
-
-
-@dataclass(frozen=True)
-class Scene:
-    objects: tuple[SceneObject, ...]  # objects[0], objects[1] act; objects[2] (if any) stays still
-    events: tuple[Event, ...]  # in time order
-    background: Background
-    noise_seed: int
-    frames: int
-
-    def motion_of(self, obj: int) -> str:
-        return next((e.motion for e in self.events if e.obj == obj), STILL)
-
-    def triples(self) -> set[tuple[str, str, str]]:
-        """(colour, shape, motion) of every acting object: the unit of the held-out rule."""
-        return {(self.objects[e.obj].colour, self.objects[e.obj].shape, e.motion) for e in self.events}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Scene:
-        bg = d["background"]
-        return cls(
-            objects=tuple(SceneObject(**o) for o in d["objects"]),
-            events=tuple(Event(**e) for e in d["events"]),
-            background=Background(bg["kind"], tuple(tuple(c) for c in bg["colours"]), bg["direction"], bg["seed"]),
-            noise_seed=d["noise_seed"],
-            frames=d["frames"],
-        )
-
-
-@dataclass(frozen=True)
-class ObjectState:
-    x: float  # centre, fraction of the frame width
-    y: float
-    radius: float
-    visible: bool
+# --------------------------------------------------------------------------- object state
 
 
 def _progress(event: Event, t: int) -> float:
@@ -166,74 +103,6 @@ def object_state(scene: Scene, obj: int, t: int) -> ObjectState:
 # ------------------------------------------------------------------------------ sampling
 
 
-def _swept_box(obj: SceneObject, motion: str, amount: float) -> tuple[float, float, float, float]:
-    """Box (x0, y0, x1, y1) the object covers over the whole video, whenever it moves."""
-    dx = {"left": -amount, "right": amount}.get(motion, 0.0)
-    dy = {"up": -amount, "down": amount}.get(motion, 0.0)
-    r = obj.radius * (amount if motion == "grows" else 1.0)
-    x0, x1 = sorted((obj.x, obj.x + dx))
-    y0, y1 = sorted((obj.y, obj.y + dy))
-    return x0 - r, y0 - r, x1 + r, y1 + r
-
-
-def _overlaps(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    return not (a[2] + _MARGIN <= b[0] or b[2] + _MARGIN <= a[0] or a[3] + _MARGIN <= b[1] or b[3] + _MARGIN <= a[1])
-
-
-def _amount(rng: np.random.Generator, motion: str) -> float:
-    if motion in ("left", "right", "up", "down"):
-        return round(float(rng.uniform(*_MOVE)), 4)
-    if motion == "grows":
-        return round(float(rng.uniform(*_GROW)), 4)
-    if motion == "shrinks":
-        return round(float(rng.uniform(*_SHRINK)), 4)
-    return 0.0
-
-
-def _place(rng: np.random.Generator, shape: str, colour: str, motion: str, amount: float,
-           taken: list[tuple[float, ...]]) -> SceneObject | None:
-    """Jittered start position whose swept box stays in frame and clear of `taken`."""
-    size = SIZES[int(rng.integers(2))]
-    radius = round(float(rng.uniform(*_RADIUS[size])), 4)
-    probe = SceneObject(shape, colour, size, 0.0, 0.0, radius)
-    x0, y0, x1, y1 = _swept_box(probe, motion, amount)  # relative to a start centre at 0
-    lo_x, hi_x = _MARGIN - x0, 1.0 - _MARGIN - x1
-    lo_y, hi_y = _MARGIN - y0, 1.0 - _MARGIN - y1
-    if lo_x > hi_x or lo_y > hi_y:
-        return None
-    for _ in range(60):
-        obj = replace(probe, x=round(float(rng.uniform(lo_x, hi_x)), 4), y=round(float(rng.uniform(lo_y, hi_y)), 4))
-        box = _swept_box(obj, motion, amount)
-        if not any(_overlaps(box, t) for t in taken):
-            taken.append(box)
-            return obj
-    return None
-
-
-def _background(rng: np.random.Generator) -> Background:
-    def grey() -> tuple[int, int, int]:
-        level = int(rng.integers(50, 200))
-        r, g, b = (int(np.clip(level + rng.integers(-12, 13), 0, 255)) for _ in range(3))
-        return r, g, b
-
-    kind = ("plain", "gradient", "noise")[int(rng.integers(3))]
-    if kind == "plain":
-        return Background(kind, (grey(),), "", 0)
-    if kind == "gradient":
-        direction = ("horizontal", "vertical", "diagonal")[int(rng.integers(3))]
-        return Background(kind, (grey(), grey()), direction, 0)
-    return Background(kind, (grey(),), "", int(rng.integers(2**31)))
-
-
-def _windows(rng: np.random.Generator, frames: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Two event windows in time with speed jitter: the first ends before the second starts."""
-    s1 = int(rng.integers(1, max(2, frames // 8) + 1))
-    e1 = s1 + int(round(frames * rng.uniform(0.28, 0.36)))
-    s2 = e1 + int(rng.integers(1, 3))
-    e2 = min(s2 + int(round(frames * rng.uniform(0.28, 0.36))), frames - 2)
-    return (s1, e1), (s2, e2)
-
-
 def _try_scene(rng: np.random.Generator, frames: int, forced: tuple[str, str, str] | None) -> Scene | None:
     with_still = rng.random() < 0.35
     colours = [str(c) for c in rng.permutation(list(COLOURS))[: 2 + with_still]]
@@ -246,17 +115,17 @@ def _try_scene(rng: np.random.Generator, frames: int, forced: tuple[str, str, st
     if with_still:
         shapes.append(str(SHAPES[int(rng.integers(len(SHAPES)))]))
         motions.append(STILL)
-    amounts = [_amount(rng, m) for m in motions]
+    amounts = [event_amount(rng, m) for m in motions]
     taken: list[tuple[float, ...]] = []
     objects = []
     for colour, shape, motion, amount in zip(colours, shapes, motions, amounts):
-        obj = _place(rng, shape, colour, motion, amount, taken)
+        obj = place_object(rng, shape, colour, motion, amount, taken)
         if obj is None:
             return None
         objects.append(obj)
-    (s1, e1), (s2, e2) = _windows(rng, frames)
+    (s1, e1), (s2, e2) = event_windows(rng, frames)
     events = (Event(0, motions[0], s1, e1, amounts[0]), Event(1, motions[1], s2, e2, amounts[1]))
-    return Scene(tuple(objects), events, _background(rng), int(rng.integers(2**31)), frames)
+    return Scene(tuple(objects), events, sample_background(rng), int(rng.integers(2**31)), frames)
 
 
 def sample_scene(rng: np.random.Generator, frames: int, *, heldout: frozenset[tuple[str, str, str]] = frozenset(),
@@ -300,120 +169,7 @@ def heldout_combinations(seed: int) -> frozenset[tuple[str, str, str]]:
     return frozenset(triples[i] for i in sorted(chosen))
 
 
-# ------------------------------------------------------------------------------ captions
-
-_COLOUR_WORDS = {c: [c] for c in COLOURS} | {"purple": ["purple", "violet"]}
-_SHAPE_WORDS = {
-    "circle": ["circle", "disc", "round dot"],
-    "square": ["square", "box", "block"],
-    "triangle": ["triangle", "triangular shape"],
-    "ring": ["ring", "hoop", "hollow circle"],
-    "cross": ["cross", "plus sign", "plus shape"],
-}
-_SIZE_WORDS = {"small": ["small", "little"], "large": ["large", "big"]}
-_VERBS = {
-    "left": ["moves left", "slides to the left", "drifts leftward", "travels to the left"],
-    "right": ["moves right", "slides to the right", "drifts rightward", "travels to the right"],
-    "up": ["moves up", "rises", "floats upward", "goes up"],
-    "down": ["moves down", "sinks", "drops down", "slides downward"],
-    "grows": ["grows", "gets bigger", "expands", "grows larger"],
-    "shrinks": ["shrinks", "gets smaller", "contracts", "becomes smaller"],
-    "appears": ["appears", "pops into view", "shows up", "comes into view"],
-    "disappears": ["disappears", "vanishes", "goes out of view"],
-    STILL: ["stays still", "does not move", "remains in place"],
-}
-_BACKGROUND_WORDS = {"plain": ["plain", "flat"], "gradient": ["gradient", "shaded"], "noise": ["textured", "noisy"]}
-_TEMPLATES = (
-    "{a}, then {b}",
-    "first {a}, and afterwards {b}",
-    "{a} before {b}",
-    "{b} after {a}",
-    "{a}; next, {b}",
-    "{a} and then {b}",
-    "{b}, but only after {a}",
-)
-
-
-def _pick(rng: np.random.Generator, words: Sequence[str]) -> str:
-    return words[int(rng.integers(len(words)))]
-
-
-def _noun(rng: np.random.Generator, obj: SceneObject) -> str:
-    words = [_pick(rng, _COLOUR_WORDS[obj.colour]), _pick(rng, _SHAPE_WORDS[obj.shape])]
-    if rng.random() < 0.5:
-        words.insert(0, _pick(rng, _SIZE_WORDS[obj.size]))
-    definite = rng.random() < 0.25
-    article = "the" if definite else ("an" if words[0][0] in "aeiou" else "a")
-    return " ".join([article, *words])
-
-
-def _clause(rng: np.random.Generator, scene: Scene, obj: int) -> str:
-    return f"{_noun(rng, scene.objects[obj])} {_pick(rng, _VERBS[scene.motion_of(obj)])}"
-
-
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """One caption that states both events, their order, and optionally the still object."""
-    first, second = scene.events
-    text = _pick(rng, _TEMPLATES).format(a=_clause(rng, scene, first.obj), b=_clause(rng, scene, second.obj))
-    if len(scene.objects) > 2 and rng.random() < 0.5:
-        text += f", while {_clause(rng, scene, 2)}"
-    if rng.random() < 0.25:
-        text = f"on a {_pick(rng, _BACKGROUND_WORDS[scene.background.kind])} background, {text}"
-    return text
-
-
-def captions_for(scene: Scene, count: int, seed: Sequence[int]) -> list[str]:
-    """`count` distinct captions; twins share `seed`, so their captions are parallel paraphrases."""
-    rng = np.random.default_rng(list(seed))
-    out: list[str] = []
-    for _ in range(count * 20):
-        text = caption(scene, rng)
-        if text not in out:
-            out.append(text)
-        if len(out) == count:
-            break
-    return out
-
-
 # ----------------------------------------------------------------------------- rendering
-
-
-def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
-    ax, ay = np.abs(dx), np.abs(dy)
-    if shape == "circle":
-        return dx * dx + dy * dy <= r * r
-    if shape == "square":
-        return (ax <= 0.88 * r) & (ay <= 0.88 * r)
-    if shape == "triangle":  # apex up, base at 0.8 r below the centre
-        return (dy >= -r) & (dy <= 0.8 * r) & (ax <= (dy + r) / 1.8)
-    if shape == "ring":
-        d2 = dx * dx + dy * dy
-        return (d2 <= r * r) & (d2 >= 0.3 * r * r)  # hole radius ~0.55 r
-    if shape == "cross":
-        return ((ax <= 0.38 * r) & (ay <= r)) | ((ay <= 0.38 * r) & (ax <= r))
-    raise ValueError(f"unknown shape {shape!r}")
-
-
-def render_background(bg: Background, size: int) -> np.ndarray:
-    """(size, size, 3) float32 background; low saturation so object colour masks stay clean."""
-    c0 = np.asarray(bg.colours[0], dtype=np.float32)
-    if bg.kind == "plain":
-        return np.broadcast_to(c0, (size, size, 3)).copy()
-    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
-    if bg.kind == "gradient":
-        c1 = np.asarray(bg.colours[1], dtype=np.float32)
-        if bg.direction == "horizontal":
-            w = np.broadcast_to(ramp[None, :], (size, size))
-        elif bg.direction == "vertical":
-            w = np.broadcast_to(ramp[:, None], (size, size))
-        else:
-            w = (ramp[None, :] + ramp[:, None]) / 2
-        return c0 + (c1 - c0) * w[..., None]
-    coarse = np.random.default_rng(bg.seed).uniform(-30, 30, size=(9, 9)).astype(np.float32)
-    grid = np.linspace(0, 8, size, dtype=np.float32)
-    rows = np.stack([np.interp(grid, np.arange(9), row) for row in coarse])  # (9, size)
-    texture = np.stack([np.interp(grid, np.arange(9), col) for col in rows.T], axis=1)  # (size, size)
-    return c0 + texture[..., None].astype(np.float32)
 
 
 def render_scene(scene: Scene, size: int) -> np.ndarray:
@@ -428,35 +184,12 @@ def render_scene(scene: Scene, size: int) -> np.ndarray:
             cx, cy, r = st.x * size, st.y * size, st.radius * size
             x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, size)
             y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, size)
-            mask = _shape_mask(obj.shape, centres[None, x0:x1] - cx, centres[y0:y1, None] - cy, r)
+            mask = shape_mask(obj.shape, centres[None, x0:x1] - cx, centres[y0:y1, None] - cy, r)
             video[t, y0:y1, x0:x1][mask] = COLOURS[obj.colour]
     # Uniform noise with the intended std: six times cheaper to draw than Gaussian.
     noise = np.random.default_rng(scene.noise_seed).random(video.shape, dtype=np.float32)
     video += (noise - 0.5) * (_PIXEL_NOISE * 12**0.5)
     return np.clip(video, 0, 255, out=video).astype(np.uint8)
-
-
-def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: int, *, gop: int = 8, crf: int = 23) -> int:
-    """H.264 yuv420p MP4 with a keyframe every `gop` frames (cheap seeking); returns its bytes.
-
-    Single-threaded x264 so the same frames always give the same bitstream; written to a
-    temporary name and renamed, so a crash never leaves a truncated video behind."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    height, width = frames.shape[1:3]
-    with av.open(str(tmp), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps, options={
-            "crf": str(crf), "preset": "veryfast",
-            "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0",
-        })
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.gop_size = gop
-        stream.codec_context.thread_count = 1
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode(None))
-    os.replace(tmp, path)
-    return path.stat().st_size
 
 
 # ------------------------------------------------------------------------------- corpus

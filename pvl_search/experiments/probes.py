@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pvl_search.data.scene_labels import LABELS
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.training.pairs import PairSet
-from pvl_search.data.scene_labels import LABELS
 
 FEATURES = ("video_embedding", "video_latents", "text_embedding", "text_latents")
 

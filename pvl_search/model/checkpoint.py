@@ -49,7 +49,8 @@ def load_model(folder: str | Path, *, device: str | torch.device = "cpu") -> Per
         config = ModelConfig.load(config_path)
     except (ValueError, TypeError) as exc:
         message = str(exc)  # name the file, once (read errors already start with it)
-        raise CheckpointError(message if message.startswith(str(config_path)) else f"{config_path}: {message}") from None
+        named = message if message.startswith(str(config_path)) else f"{config_path}: {message}"
+        raise CheckpointError(named) from None
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -267,7 +267,7 @@ class PerceiverVL(nn.Module):
         query_state (W,) or (Q, W); video_states (K, W) or (Q, K, W) -> (K,) or (Q, K).
         Per candidate this costs the decoder's output projection, MLP and head on one vector.
         """
-        d, heads, dh = self.config.hidden, self.config.heads, self.config.head_dim
+        d, dh = self.config.hidden, self.config.head_dim
         single_query = query_state.dim() == 1
         if single_query:
             query_state = query_state[None]

@@ -56,6 +56,10 @@ def _params(*modules: nn.Module | nn.Parameter) -> int:
     return sum(m.numel() if isinstance(m, nn.Parameter) else count_parameters(m) for m in modules)
 
 
+# (name, parameters taking part, the call, items per call, note)
+Run = tuple[str, int, Callable[[], object], int, str]
+
+
 def profile_model(
     config: ModelConfig,
     *,
@@ -72,17 +76,23 @@ def profile_model(
     s = config.frame_size
     frames = torch.randn(1, config.frames, 3, s, s)
     token_ids = torch.randint(1, 1000, (1, config.text_length))
-    with torch.inference_mode():
-        video = model.encode_video(frames, cross_layers=cross_layers).latents
-        text = model.encode_text(token_ids, cross_layers=cross_layers).latents
-        video_many = video.expand(candidates, -1, -1).contiguous()
-        video_states = model.rerank_state(video_many)
-        text_state = model.rerank_state(text)[0]
+    runs = _encoder_runs(model, config, frames, token_ids, cross_layers)
+    runs += _decoder_runs(model, config, frames, token_ids, cross_layers, candidates)
+    rows = []
+    for name, params, fn, per, note in runs:
+        flops = count_flops(fn)
+        rows.append(ProfileRow(name, params, flops / per / 1e9, median_ms(fn, repeats=repeats) / per, note))
+    return rows
 
+
+def _encoder_runs(
+    model: PerceiverVL, config: ModelConfig, frames: torch.Tensor, token_ids: torch.Tensor, cross_layers: int | None
+) -> list[Run]:
+    """The two encoders, and the single-stream pair that runs the joint encoder and decoder."""
     encoder_params = _params(model.encoder, model.modality)
     decoder_params = _params(model.decoder, model.vtm_query, model.vtm_head)
     tokens = config.frames * config.grid**2
-    runs: list[tuple[str, int, Callable[[], object], int, str]] = [
+    return [
         (
             "video encoder",
             encoder_params + _params(model.video_embed, model.video_proj),
@@ -104,6 +114,22 @@ def profile_model(
             1,
             "joint encoder + VTM decoder",
         ),
+    ]
+
+
+def _decoder_runs(
+    model: PerceiverVL, config: ModelConfig, frames: torch.Tensor, token_ids: torch.Tensor,
+    cross_layers: int | None, candidates: int,
+) -> list[Run]:
+    """What reranking costs: rerank states at index time, then each reranker per candidate."""
+    with torch.inference_mode():
+        video = model.encode_video(frames, cross_layers=cross_layers).latents
+        text = model.encode_text(token_ids, cross_layers=cross_layers).latents
+        video_many = video.expand(candidates, -1, -1).contiguous()
+        video_states = model.rerank_state(video_many)
+        text_state = model.rerank_state(text)[0]
+    decoder_params = _params(model.decoder, model.vtm_query, model.vtm_head)
+    return [
         (
             "rerank state (index time)",
             decoder_params,
@@ -133,8 +159,3 @@ def profile_model(
             f"per candidate, {candidates} at once, from stored latents ({config.latents * config.hidden} floats each)",
         ),
     ]
-    rows = []
-    for name, params, fn, per, note in runs:
-        flops = count_flops(fn)
-        rows.append(ProfileRow(name, params, flops / per / 1e9, median_ms(fn, repeats=repeats) / per, note))
-    return rows

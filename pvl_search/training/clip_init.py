@@ -8,6 +8,8 @@ Like timm's checkpoint filters, this module maps a foreign checkpoint onto our n
 resamples what has a different shape (patch kernel, position grid). Weights are read only
 from local files: open_clip builds the architecture from a registered name (e.g. `ViT-B-16`)
 plus a weights file, or from `local-dir:/folder` holding `open_clip_config.json` and weights.
+How each CLIP block maps onto ours, and the notes on what that approximates, are in
+clip_mapping.py.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pvl_search.model.config import ModelConfig
 from pvl_search.model.perceiver import PerceiverVL
+from pvl_search.training.clip_mapping import block_tensors, copy_notes
 
 LOCAL_DIR = "local-dir:"
 SPEC_FORM = "clip:MODEL:PATH (e.g. clip:ViT-B-16:/models/clip.safetensors) or clip:local-dir:/folder"
@@ -212,59 +215,6 @@ def _check_block(block: nn.Module, index: int) -> None:
         raise ClipInitError(f"CLIP block {index} uses {', '.join(used)}; our self-attention layers have no such part")
 
 
-def _layer_scale(module: nn.Module) -> Tensor | None:
-    gamma = getattr(module, "gamma", None)
-    return None if gamma is None else gamma.detach()
-
-
-def _block_tensors(block: nn.Module, width: int) -> tuple[dict[str, Tensor], bool]:
-    """One CLIP residual block as our SelfAttentionBlock's state (names relative to the block).
-
-    LayerScale gammas are folded into the projection before them: gamma * (W a + b) =
-    (diag(gamma) W) a + gamma * b. Returns the tensors and whether any gamma was folded.
-    """
-    attn, mlp = block.attn, block.mlp
-    in_w, in_b = attn.in_proj_weight.detach(), attn.in_proj_bias.detach()  # (3D, D) rows: q, k, v
-    out_w, out_b = attn.out_proj.weight.detach(), attn.out_proj.bias.detach()
-    proj_w, proj_b = mlp.c_proj.weight.detach(), mlp.c_proj.bias.detach()
-    gamma_1, gamma_2 = _layer_scale(block.ls_1), _layer_scale(block.ls_2)
-    if gamma_1 is not None:
-        out_w, out_b = gamma_1[:, None] * out_w, gamma_1 * out_b
-    if gamma_2 is not None:
-        proj_w, proj_b = gamma_2[:, None] * proj_w, gamma_2 * proj_b
-    tensors = {
-        "norm1.weight": block.ln_1.weight.detach(),
-        "norm1.bias": block.ln_1.bias.detach(),
-        "attn.to_q.weight": in_w[:width],
-        "attn.to_q.bias": in_b[:width],
-        "attn.to_kv.weight": in_w[width:],  # keys then values, as Attention.to_kv chunks them
-        "attn.to_kv.bias": in_b[width:],
-        "attn.to_out.weight": out_w,
-        "attn.to_out.bias": out_b,
-        "norm2.weight": block.ln_2.weight.detach(),
-        "norm2.bias": block.ln_2.bias.detach(),
-        "mlp.fc1.weight": mlp.c_fc.weight.detach(),
-        "mlp.fc1.bias": mlp.c_fc.bias.detach(),
-        "mlp.fc2.weight": proj_w,
-        "mlp.fc2.bias": proj_b,
-    }
-    return tensors, gamma_1 is not None or gamma_2 is not None
-
-
-def _activation_note(block: nn.Module) -> str | None:
-    from open_clip.transformer import QuickGELU
-
-    act = getattr(block.mlp, "gelu", None)
-    if isinstance(act, QuickGELU):
-        return (
-            "CLIP's MLP uses QuickGELU (x * sigmoid(1.702 x)) and ours uses exact GELU: a known "
-            "approximation (the two differ by at most ~0.02 per unit); fine-tuning absorbs it"
-        )
-    if isinstance(act, nn.GELU) and act.approximate == "none":
-        return None
-    return f"CLIP's MLP activation is {act!r}, ours is exact GELU: the copied blocks are approximate"
-
-
 def copy_clip_visual(model: PerceiverVL, clip: nn.Module, *, source: str = "CLIP") -> InitReport:
     """Copy an already built open_clip model's visual tower into `model` (in place).
 
@@ -272,9 +222,22 @@ def copy_clip_visual(model: PerceiverVL, clip: nn.Module, *, source: str = "CLIP
     class-token row -> video_embed.position, block i -> encoder.layers[i] for the first
     min(#CLIP blocks, #our layers). Checks everything before changing anything.
     """
-    config = model.config
     visual = _visual_tower(clip)
     blocks = list(visual.transformer.resblocks)
+    _check_compatible(model, visual, blocks, source)
+    report = InitReport(source=source, clip_blocks=len(blocks), self_layers=len(model.encoder.layers))
+    updates = _embedding_updates(model.config, visual, report)
+    block_updates, folded = _block_updates(model, blocks, visual.conv1.out_channels, report)
+    updates.update(block_updates)
+    _copy_into(model, updates, source)
+    report.copied = list(updates)
+    report.notes += copy_notes(model, visual, blocks, report.blocks_copied, folded)
+    return report
+
+
+def _check_compatible(model: PerceiverVL, visual: nn.Module, blocks: list[nn.Module], source: str) -> None:
+    """Refuse a CLIP tower whose width, heads, MLP, blocks or position table ours cannot hold."""
+    config = model.config
     width, heads = visual.conv1.out_channels, blocks[0].attn.num_heads
     if (width, heads) != (config.hidden, config.heads):
         raise ClipInitError(
@@ -296,9 +259,11 @@ def copy_clip_visual(model: PerceiverVL, clip: nn.Module, *, source: str = "CLIP
             f"expected {grid[0]} x {grid[1]} patches + 1 class token"
         )
 
-    report = InitReport(source=source, clip_blocks=len(blocks), self_layers=len(model.encoder.layers))
-    updates: dict[str, Tensor] = {}
 
+def _embedding_updates(config: ModelConfig, visual: nn.Module, report: InitReport) -> dict[str, Tensor]:
+    """Patch kernel, its bias and the patch positions, resampled to our patch and grid sizes."""
+    updates: dict[str, Tensor] = {}
+    width = visual.conv1.out_channels
     kernel = visual.conv1.weight.detach()  # (D, 3, p, p)
     if kernel.shape[-2:] != (config.patch, config.patch):
         report.resampled.append(
@@ -309,20 +274,33 @@ def copy_clip_visual(model: PerceiverVL, clip: nn.Module, *, source: str = "CLIP
     bias = visual.conv1.bias
     updates["video_embed.patch_embed.bias"] = torch.zeros(width) if bias is None else bias.detach()
 
+    grid = tuple(visual.grid_size)
     positions = visual.positional_embedding.detach()[1:]  # drop the class-token row
     if grid != (config.grid, config.grid):
         report.resampled.append(
             f"patch positions {grid[0]}x{grid[1]} -> {config.grid}x{config.grid} (bicubic, class-token row dropped)"
         )
     updates["video_embed.position"] = resample_positions(positions, grid, config.grid)
+    return updates
 
+
+def _block_updates(
+    model: PerceiverVL, blocks: list[nn.Module], width: int, report: InitReport
+) -> tuple[dict[str, Tensor], bool]:
+    """CLIP block i as encoder.layers[i], for as many blocks as both have; and whether any
+    LayerScale gamma was folded in."""
+    updates: dict[str, Tensor] = {}
     report.blocks_copied = min(len(blocks), len(model.encoder.layers))
     folded = False
     for i in range(report.blocks_copied):
-        tensors, gamma = _block_tensors(blocks[i], width)
+        tensors, gamma = block_tensors(blocks[i], width)
         folded |= gamma
         updates.update({f"encoder.layers.{i}.{name}": value for name, value in tensors.items()})
+    return updates, folded
 
+
+def _copy_into(model: PerceiverVL, updates: dict[str, Tensor], source: str) -> None:
+    """Check every shape first, then copy: a mismatch leaves the model untouched."""
     params = dict(model.named_parameters())
     for name, value in updates.items():
         if params[name].shape != value.shape:  # a programming error, not a user one
@@ -332,53 +310,6 @@ def copy_clip_visual(model: PerceiverVL, clip: nn.Module, *, source: str = "CLIP
     with torch.no_grad():
         for name, value in updates.items():
             params[name].copy_(value)
-    report.copied = list(updates)
-    report.notes += _notes(model, visual, blocks, report, folded)
-    return report
-
-
-def _notes(
-    model: PerceiverVL, visual: nn.Module, blocks: list[nn.Module], report: InitReport, folded: bool
-) -> list[str]:
-    notes = []
-    layers = len(model.encoder.layers)
-    activation = _activation_note(blocks[0])
-    if activation:
-        notes.append(activation)
-    if folded:
-        notes.append("LayerScale gammas (ls_1, ls_2) folded into to_out and fc2")
-    if report.blocks_copied < len(blocks):
-        notes.append(
-            f"CLIP blocks {report.blocks_copied}..{len(blocks) - 1} unused "
-            f"(our encoder has {layers} self-attention layers)"
-        )
-    if report.blocks_copied < layers:
-        notes.append(f"self-attention layers {report.blocks_copied}..{layers - 1} start fresh")
-    eps = {block.ln_1.eps for block in blocks} | {block.ln_2.eps for block in blocks}
-    ours = model.encoder.layers[0].norm1.eps
-    if eps != {ours}:
-        notes.append(f"CLIP LayerNorm eps {sorted(eps)} differs from ours ({ours})")
-    notes.append(
-        "not copied (no counterpart): class token, ln_pre, ln_post, visual projection, text tower; "
-        "cross-attentions, latents, modality/temporal/text embeddings, decoder and heads start fresh"
-    )
-    mean = _preprocess_value(visual, "mean")
-    if mean is not None:
-        from pvl_search.media.video import CLIP_MEAN, CLIP_STD
-
-        std = _preprocess_value(visual, "std")
-        same = torch.allclose(torch.tensor(mean), torch.tensor(CLIP_MEAN)) and torch.allclose(
-            torch.tensor(std), torch.tensor(CLIP_STD)
-        )
-        if not same:
-            notes.append(f"CLIP was trained on frames normalised with mean {mean} / std {std}; ours use OpenAI CLIP's")
-    return notes
-
-
-def _preprocess_value(visual: nn.Module, key: str) -> list[float] | None:
-    cfg: Any = getattr(visual, "preprocess_cfg", None) or {}
-    value = cfg.get(key)
-    return None if value is None else [float(v) for v in value]
 
 
 # ---------------------------------------------------------------------------- two-stage training

@@ -7,28 +7,26 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from pvl_search.training.attribute_heads import AttributeHeads
-from pvl_search.model.checkpoint import load_state, save_model
-from pvl_search.training.losses import LossWeights, compute_losses
-from pvl_search.metrics import RetrievalMetrics, group_metrics, ranks_after_rerank, ranks_from_scores, retrieval_metrics
+from pvl_search.data.scene_stream import SceneStream
+from pvl_search.metrics import RetrievalMetrics, group_metrics, ranks_from_scores, retrieval_metrics
+from pvl_search.model.checkpoint import save_model
 from pvl_search.model.perceiver import PerceiverVL
+from pvl_search.ranking import ranks_after_rerank
+from pvl_search.training.attribute_heads import AttributeHeads
+from pvl_search.training.losses import LossOutput, LossWeights, compute_losses
 from pvl_search.training.negative_bank import NegativeBank
 from pvl_search.training.pairs import PairSet
-from pvl_search.data.scene_stream import SceneStream
-
-TRAIN_STATE_FILE = "train_state.safetensors"
-BANK_FILE = "negative_bank.safetensors"
-HEADS_FILE = "attribute_heads.safetensors"
+from pvl_search.training.train_setup import check_options, make_optimizer, training_parameters
+from pvl_search.training.train_state import TRAIN_STATE_FILE, restore_checkpoint, write_checkpoint
 
 
 @dataclass
@@ -184,60 +182,10 @@ def selection_metric(cfg: TrainConfig) -> str:
     return "reranked" if cfg.losses.mixed_vtm or cfg.losses.mixed_nce else "multi"
 
 
-def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, meta: dict) -> None:
-    """Optimizer moments as safetensors and counters as metadata: resuming never unpickles."""
-    tensors, scalars = {}, {}
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value) and value.dim() > 0:
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{key}"] = float(value)
-    tmp = folder / (TRAIN_STATE_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta), "scalars": json.dumps(scalars)})
-    os.replace(tmp, folder / TRAIN_STATE_FILE)
-
-
-def load_train_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:
-    from safetensors import safe_open
-
-    path = folder / TRAIN_STATE_FILE
-    with safe_open(str(path), "pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(str(path))
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    for name, value in json.loads(metadata["scalars"]).items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = torch.tensor(value)
-    saved = optimizer.state_dict()
-    saved["state"] = state
-    optimizer.load_state_dict(saved)
-    return json.loads(metadata["meta"])
-
-
-def _write_checkpoint(
-    model: PerceiverVL, folder: Path, optimizer: torch.optim.Optimizer, meta: dict, bank: NegativeBank | None,
-    heads: AttributeHeads | None = None,
-) -> None:
-    save_model(model, folder)
-    if heads is not None:  # training-only weights: part of the state a resume needs
-        tmp = folder / (HEADS_FILE + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(tmp))
-        os.replace(tmp, folder / HEADS_FILE)
-    if bank is not None:  # part of the training state: a resumed run mines what this one would
-        tmp = folder / (BANK_FILE + ".tmp")
-        save_file({k: v.contiguous() for k, v in bank.state_dict().items()}, str(tmp))
-        os.replace(tmp, folder / BANK_FILE)
-    save_train_state(folder, optimizer, meta)
-
-
 def _probe_summary(model: PerceiverVL, train_data: PairSet, val_data: PairSet, videos: int) -> dict:
     """Per-attribute probe accuracy of both embeddings, fitted on `videos` training videos."""
+    from pvl_search.experiments.probes import probe_features, run_probes
     from pvl_search.training.pairs import subset
-    from pvl_search.experiments.probes import run_probes, probe_features
 
     report = run_probes(probe_features(model, subset(train_data, range(min(videos, len(train_data))))),
                         probe_features(model, val_data), features=("video_embedding", "text_embedding"))
@@ -264,128 +212,159 @@ def train(
     out = Path(out_dir)
     stream = train_data if isinstance(train_data, SceneStream) else None
     out.mkdir(parents=True, exist_ok=True)
-    if len(train_data) < cfg.batch_size:
-        raise ValueError(f"{len(train_data)} training videos is fewer than one batch of {cfg.batch_size}")
-    if cfg.retrieval_from and not (cfg.losses.attributes or cfg.losses.token_attributes):
-        raise ValueError("a curriculum (retrieval from a later epoch) needs attribute losses to train before it")
-    if cfg.losses.latent_nce and model.latent_reranker is None:
-        raise ValueError("the latent reranker's loss needs a model with one (--latent-reranker)")
-    if cfg.mined_negatives and not cfg.losses.mixed_nce:
-        raise ValueError("mined negatives feed the listwise mixed-stream loss: give it a weight (--mixed-nce)")
-    if stream is not None and (cfg.mined_negatives or cfg.rerank_only_groups):
-        raise ValueError("mined negatives and --rerank-only-groups need a fixed training set, not a stream")
-    if cfg.losses.attributes and stream is None and train_data.labels is None:
-        raise ValueError("the attribute loss needs scene labels (a synthetic benchmark's captions file)")
+    check_options(model, train_data, stream, cfg)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     model.to(device)
-    params = trainable if trainable is not None else list(model.parameters())
-    if trainable is not None:  # e.g. stage one of the paper's CLIP schedule: the rest is frozen
-        keep = {id(p) for p in trainable}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in keep)
-    dense = bool(cfg.losses.token_attributes)
-    heads = (AttributeHeads(model.config.embed_dim, model.config.hidden if dense else None).to(device)
-             if cfg.losses.attributes or dense else None)
-    if heads is not None:
-        params = params + list(heads.parameters())
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]  # norms, biases, single vectors
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-    )
+    params, heads = training_parameters(model, cfg, trainable, device)
+    optimizer = make_optimizer(params, cfg)
     steps_per_epoch = len(train_data) // cfg.batch_size
-    total_steps = steps_per_epoch * cfg.epochs
-    step, start_epoch, best_r1, best_epoch = 0, 0, -1.0, -1
-    history: list[ValidationResult] = []
     bank = None
     if cfg.mined_negatives:
         bank = NegativeBank(len(train_data), model.config.embed_dim, model.config.rerank_state_width)
+    meta = {"step": 0, "epoch": 0, "best_r1": -1.0, "best_epoch": -1}
     if resume and (out / "last" / TRAIN_STATE_FILE).exists():
-        load_state(model, load_file(str(out / "last" / "model.safetensors")), source=str(out / "last"))
-        if bank is not None and (out / "last" / BANK_FILE).exists():
-            bank.load_state_dict(load_file(str(out / "last" / BANK_FILE)))
-        if heads is not None:
-            heads.load_state_dict(load_file(str(out / "last" / HEADS_FILE)))
-        meta = load_train_state(out / "last", optimizer)
-        step, start_epoch = meta["step"], meta["epoch"]
-        best_r1, best_epoch = meta["best_r1"], meta["best_epoch"]
+        meta = restore_checkpoint(out / "last", model, optimizer, bank, heads)
     generator = torch.Generator().manual_seed(cfg.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     log = open(out / "log.jsonl", "a")
-    began, first_step = time.perf_counter(), step  # samples/s counts this process's steps only
+    run = _TrainRun(model, cfg, out, device, optimizer, params, heads, bank, autocast, log, progress,
+                    steps_per_epoch * cfg.epochs, meta["step"], meta["best_r1"], meta["best_epoch"])
     if stream is not None:
-        stream.start(start_epoch, cfg.epochs)
+        stream.start(meta["epoch"], cfg.epochs)
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(meta["epoch"], cfg.epochs):
             data = stream.for_epoch(epoch) if stream is not None else train_data
-            # Re-seed per epoch so a resumed run sees the batches an uninterrupted one would.
-            generator.manual_seed(cfg.seed * 1000 + epoch)
-            skip = step - epoch * steps_per_epoch  # batches of this epoch done before a resume
-            grouped = cfg.group_batches_from is not None and epoch >= cfg.group_batches_from
-            labels = data.groups if grouped else None
-            for i, indices in enumerate(epoch_batches(len(data), cfg.batch_size, generator, labels)):
-                frames, masks, ids = data.batch(indices, generator)
-                if i < skip:
-                    continue
-                model.train()
-                # Per-step seed: LayerDrop, negative sampling and MLM masks are the same
-                # whether or not the run was interrupted and resumed.
-                torch.manual_seed(cfg.seed * 1_000_003 + step)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step, total_steps, cfg)
-                with autocast:
-                    batch_groups = data.group_ids(indices).to(device) if cfg.rerank_only_groups else None
-                    weights = cfg.losses if epoch >= cfg.retrieval_from else attributes_only(cfg.losses)
-                    labels = data.labels_of(indices) if heads is not None else None
-                    dense_labels = data.token_labels_of(indices) if dense else None
-                    losses = compute_losses(model, frames.to(device), masks.to(device), ids.to(device), weights,
-                                            batch_groups, bank, torch.tensor(indices), cfg.mined_negatives,
-                                            None if labels is None else labels.to(device), heads,
-                                            None if dense_labels is None else dense_labels.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                losses.total.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                step += 1
-                record = {"kind": "step", "step": step, "epoch": epoch, "total_steps": total_steps,
-                          "loss": float(losses.total.detach()), **losses.parts,
-                          "lr": optimizer.param_groups[0]["lr"],
-                          "samples_per_s": (step - first_step) * cfg.batch_size / (time.perf_counter() - began)}
-                log.write(json.dumps(record) + "\n")
-                if progress:
-                    progress(record)
-                if step % cfg.checkpoint_every == 0:
-                    _write_checkpoint(model, out / "last", optimizer,
-                                      {"step": step, "epoch": epoch, "best_r1": best_r1, "best_epoch": best_epoch},
-                                      bank, heads)
-            record = {"kind": "epoch", "epoch": epoch, "step": step, "seconds": time.perf_counter() - began}
-            validate = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
-            if validate and val_data is not None and len(val_data):
-                twins: dict[str, dict[str, float]] = {}
-                val = evaluate(model, val_data, device=cfg.device, rerank_k=cfg.val_rerank_k, groups=twins)
-                history.append(ValidationResult(epoch, val["multi"], val["mixed"], val["reranked"], twins))
-                record |= {f"val_{name}": metrics.to_dict() for name, metrics in val.items()}
-                record["val_groups"] = twins
-                if cfg.probe_videos and data.labels is not None and val_data.labels is not None:
-                    record["val_probes"] = _probe_summary(model, data, val_data, cfg.probe_videos)
-                # Keep what a search will use: reranked results once the mixed head is trained.
-                r1 = val[selection_metric(cfg)].r1
-                if r1 > best_r1:
-                    best_r1, best_epoch = r1, epoch
-                    save_model(model, out / "best")
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if progress:
-                progress(record)
-            _write_checkpoint(model, out / "last", optimizer,
-                              {"step": step, "epoch": epoch + 1, "best_r1": best_r1, "best_epoch": best_epoch},
-                              bank, heads)
+            _train_epoch(run, data, epoch, generator, steps_per_epoch)
+            _end_epoch(run, data, val_data, epoch)
     finally:
         log.close()
         if stream is not None:
             stream.stop()
     if val_data is None:
         save_model(model, out / "best")
-    return TrainResult(step, time.perf_counter() - began, best_epoch, best_r1, history)
+    return TrainResult(run.step, time.perf_counter() - run.began, run.best_epoch, run.best_r1, run.history)
+
+
+@dataclass
+class _TrainRun:
+    """What one call of `train` works with; its steps and validations update the counters."""
+
+    model: PerceiverVL
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]  # clipped together; the optimizer's parameters
+    heads: AttributeHeads | None
+    bank: NegativeBank | None
+    autocast: contextlib.AbstractContextManager
+    log: TextIO
+    progress: ProgressFn | None
+    total_steps: int
+    step: int  # optimizer steps so far, before a resume included
+    best_r1: float
+    best_epoch: int
+    history: list[ValidationResult] = field(default_factory=list)
+    began: float = field(default_factory=time.perf_counter)
+    first_step: int = field(init=False)  # samples/s counts this process's steps only
+
+    def __post_init__(self) -> None:
+        self.first_step = self.step
+
+
+def _train_epoch(run: _TrainRun, data: PairSet, epoch: int, generator: torch.Generator, steps_per_epoch: int) -> None:
+    """The steps of one epoch; after a resume, the batches already trained on are drawn and skipped."""
+    cfg = run.cfg
+    # Re-seed per epoch so a resumed run sees the batches an uninterrupted one would.
+    generator.manual_seed(cfg.seed * 1000 + epoch)
+    skip = run.step - epoch * steps_per_epoch  # batches of this epoch done before a resume
+    grouped = cfg.group_batches_from is not None and epoch >= cfg.group_batches_from
+    labels = data.groups if grouped else None
+    for i, indices in enumerate(epoch_batches(len(data), cfg.batch_size, generator, labels)):
+        frames, masks, ids = data.batch(indices, generator)
+        if i < skip:
+            continue
+        _train_step(run, data, epoch, indices, (frames, masks, ids))
+
+
+def _train_step(run: _TrainRun, data: PairSet, epoch: int, indices: list[int],
+                batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """One optimizer step, its log line, and a checkpoint every `checkpoint_every` steps."""
+    cfg, optimizer = run.cfg, run.optimizer
+    run.model.train()
+    # Per-step seed: LayerDrop, negative sampling and MLM masks are the same
+    # whether or not the run was interrupted and resumed.
+    torch.manual_seed(cfg.seed * 1_000_003 + run.step)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(run.step, run.total_steps, cfg)
+    with run.autocast:
+        losses = _batch_losses(run, data, epoch, indices, batch)
+    optimizer.zero_grad(set_to_none=True)
+    losses.total.backward()
+    torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    optimizer.step()
+    run.step += 1
+    record = {"kind": "step", "step": run.step, "epoch": epoch, "total_steps": run.total_steps,
+              "loss": float(losses.total.detach()), **losses.parts,
+              "lr": optimizer.param_groups[0]["lr"],
+              "samples_per_s": (run.step - run.first_step) * cfg.batch_size / (time.perf_counter() - run.began)}
+    run.log.write(json.dumps(record) + "\n")
+    if run.progress:
+        run.progress(record)
+    if run.step % cfg.checkpoint_every == 0:
+        _checkpoint(run, epoch)
+
+
+def _batch_losses(run: _TrainRun, data: PairSet, epoch: int, indices: list[int],
+                  batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> LossOutput:
+    """`compute_losses` on one batch, with the weights of the curriculum's phase at `epoch`."""
+    cfg, device = run.cfg, run.device
+    frames, masks, ids = batch
+    batch_groups = data.group_ids(indices).to(device) if cfg.rerank_only_groups else None
+    weights = cfg.losses if epoch >= cfg.retrieval_from else attributes_only(cfg.losses)
+    labels = data.labels_of(indices) if run.heads is not None else None
+    dense_labels = data.token_labels_of(indices) if cfg.losses.token_attributes else None
+    return compute_losses(run.model, frames.to(device), masks.to(device), ids.to(device), weights,
+                          batch_groups, run.bank, torch.tensor(indices), cfg.mined_negatives,
+                          None if labels is None else labels.to(device), run.heads,
+                          None if dense_labels is None else dense_labels.to(device))
+
+
+def _end_epoch(run: _TrainRun, data: PairSet, val_data: PairSet | None, epoch: int) -> None:
+    """Validate (when due), log the epoch and write the resumable checkpoint `last`."""
+    cfg = run.cfg
+    record = {"kind": "epoch", "epoch": epoch, "step": run.step, "seconds": time.perf_counter() - run.began}
+    validate = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+    if validate and val_data is not None and len(val_data):
+        record |= _validate(run, data, val_data, epoch)
+    run.log.write(json.dumps(record) + "\n")
+    run.log.flush()
+    if run.progress:
+        run.progress(record)
+    _checkpoint(run, epoch + 1)
+
+
+def _validate(run: _TrainRun, data: PairSet, val_data: PairSet, epoch: int) -> dict:
+    """Validation metrics for the epoch's log record; saves `best` when they beat it."""
+    cfg, model = run.cfg, run.model
+    twins: dict[str, dict[str, float]] = {}
+    val = evaluate(model, val_data, device=cfg.device, rerank_k=cfg.val_rerank_k, groups=twins)
+    run.history.append(ValidationResult(epoch, val["multi"], val["mixed"], val["reranked"], twins))
+    record: dict = {f"val_{name}": metrics.to_dict() for name, metrics in val.items()}
+    record["val_groups"] = twins
+    if cfg.probe_videos and data.labels is not None and val_data.labels is not None:
+        record["val_probes"] = _probe_summary(model, data, val_data, cfg.probe_videos)
+    # Keep what a search will use: reranked results once the mixed head is trained.
+    r1 = val[selection_metric(cfg)].r1
+    if r1 > run.best_r1:
+        run.best_r1, run.best_epoch = r1, epoch
+        save_model(model, run.out / "best")
+    return record
+
+
+def _checkpoint(run: _TrainRun, epoch: int) -> None:
+    """`last`, resumable: `epoch` is the one a resume starts in."""
+    meta = {"step": run.step, "epoch": epoch, "best_r1": run.best_r1, "best_epoch": run.best_epoch}
+    write_checkpoint(run.model, run.out / "last", run.optimizer, meta, run.bank, run.heads)
 

@@ -11,12 +11,12 @@ from torch import Tensor
 
 from pvl_search.model.config import CLIP_VOCAB_SIZE
 from pvl_search.model.embeddings import PAD_ID
-from pvl_search.training.attribute_heads import AttributeHeads
 from pvl_search.model.perceiver import Encoding, PerceiverVL
+from pvl_search.training.attribute_heads import AttributeHeads
 from pvl_search.training.negative_bank import NegativeBank
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossWeights:
     contrastive: float = 1.0
     mixed_vtm: float = 1.0
@@ -145,45 +145,93 @@ def compute_losses(
         same_group = None if groups is None else groups[:, None] == groups[None, :]
         parts["contrastive"] = contrastive_loss(logits, ignore=same_group)
     neg_video, neg_text = hard_negatives(logits)
-    videos, texts, labels = vtm_pairs(b, neg_video, neg_text)
+    pairs = vtm_pairs(b, neg_video, neg_text)
+    parts |= _mixed_losses(model, video, text, pairs, weights, bank, rows, mined)
+    if weights.latent_nce:
+        parts["latent_nce"] = contrastive_loss(model.latent_scores(text.latents, video.latents))
+    if weights.single_vtm:
+        parts["single_vtm"] = _single_vtm_loss(model, frames, frame_mask, token_ids, pairs)
+    if weights.mlm:
+        parts["mlm"] = _mlm_loss(model, token_ids, weights.mlm_probability)
+    sides: dict[str, Tensor] = {}
+    if weights.attributes:
+        sides = _attribute_sides(video, text, attribute_labels, heads)
+        parts["attributes"] = (sides["attributes_video"] + sides["attributes_text"]) / 2
+    if weights.token_attributes:
+        parts["token_attributes"] = _token_attribute_loss(video, frame_mask, token_labels, heads)
+    for name, value in parts.items():
+        total = total + getattr(weights, name) * value
+    logged = {k: float(v.detach()) for k, v in parts.items()}
+    logged |= {k: float(v.detach()) for k, v in sides.items()}  # which side is behind
+    return LossOutput(total, logged, similarity.detach())
+
+
+def _mixed_losses(
+    model: PerceiverVL,
+    video: Encoding,
+    text: Encoding,
+    pairs: tuple[Tensor, Tensor, Tensor],
+    weights: LossWeights,
+    bank: NegativeBank | None,
+    rows: Tensor | None,
+    mined: int,
+) -> dict[str, Tensor]:
+    """The weighted mixed-stream losses: VTM on the `vtm_pairs`, and the listwise loss."""
+    parts: dict[str, Tensor] = {}
     if weights.mixed_vtm or weights.mixed_nce:  # both mixed losses read the same states
         video_states, text_states = model.rerank_state(video.latents), model.rerank_state(text.latents)
     if weights.mixed_vtm:
+        videos, texts, labels = pairs
         vtm = model.mixed_scores(text_states[texts], video_states[videos][:, None])[:, 0]  # (3B,)
         parts["mixed_vtm"] = F.binary_cross_entropy_with_logits(vtm, labels)
     if weights.mixed_nce:
         parts["mixed_nce"] = mixed_listwise_loss(model, video, text, video_states, text_states, bank, rows, mined)
-    if weights.latent_nce:
-        parts["latent_nce"] = contrastive_loss(model.latent_scores(text.latents, video.latents))
-    if weights.single_vtm:
-        # The joint encoder is the costly pass: use B of the 3B pairs, half of them positive.
-        # Random rows, so that every video gets positive pairs whatever the batch order.
-        half, quarter = b - b // 2, b // 4
-        draws = [torch.randperm(b)[:n] for n in (half, quarter, b // 2 - quarter)]
-        pick = torch.cat([draws[0], b + draws[1], 2 * b + draws[2]]).to(videos.device)
-        v, t = videos[pick], texts[pick]
-        mask = None if frame_mask is None else frame_mask[v]
-        vtm = model.single_stream_scores(frames[v], mask, token_ids[t])
-        parts["single_vtm"] = F.binary_cross_entropy_with_logits(vtm, labels[pick])
-    if weights.mlm:
-        masked = mlm_mask(token_ids, weights.mlm_probability)
-        latents = model.encode_text(token_ids, replace_mask=masked).latents
-        vocab = model.mlm_logits(latents, masked)  # (B, L, V)
-        parts["mlm"] = F.cross_entropy(vocab[masked].float(), token_ids[masked])
-    if weights.attributes:
-        if attribute_labels is None or heads is None:
-            raise ValueError("the attribute loss needs scene labels and attribute heads")
-        video_part = heads.loss(video.embedding, attribute_labels)
-        text_part = heads.loss(text.embedding, attribute_labels, text=True)
-        parts["attributes"] = (video_part + text_part) / 2
-    if weights.token_attributes:
-        if token_labels is None or heads is None:
-            raise ValueError("the token attribute loss needs dense scene labels and attribute heads")
-        mask = frame_mask if frame_mask is not None else torch.ones(token_labels.shape[:2], dtype=torch.bool)
-        parts["token_attributes"] = heads.token_loss(video.inputs, token_labels, mask.to(token_labels.device))
-    for name, value in parts.items():
-        total = total + getattr(weights, name) * value
-    logged = {k: float(v.detach()) for k, v in parts.items()}
-    if weights.attributes:  # which side is behind
-        logged |= {"attributes_video": float(video_part.detach()), "attributes_text": float(text_part.detach())}
-    return LossOutput(total, logged, similarity.detach())
+    return parts
+
+
+def _single_vtm_loss(
+    model: PerceiverVL, frames: Tensor, frame_mask: Tensor | None, token_ids: Tensor,
+    pairs: tuple[Tensor, Tensor, Tensor],
+) -> Tensor:
+    """VTM through the single-stream joint encoder, on a random B of the 3B `vtm_pairs`."""
+    videos, texts, labels = pairs
+    b = token_ids.shape[0]
+    # The joint encoder is the costly pass: use B of the 3B pairs, half of them positive.
+    # Random rows, so that every video gets positive pairs whatever the batch order.
+    half, quarter = b - b // 2, b // 4
+    draws = [torch.randperm(b)[:n] for n in (half, quarter, b // 2 - quarter)]
+    pick = torch.cat([draws[0], b + draws[1], 2 * b + draws[2]]).to(videos.device)
+    v, t = videos[pick], texts[pick]
+    mask = None if frame_mask is None else frame_mask[v]
+    vtm = model.single_stream_scores(frames[v], mask, token_ids[t])
+    return F.binary_cross_entropy_with_logits(vtm, labels[pick])
+
+
+def _mlm_loss(model: PerceiverVL, token_ids: Tensor, probability: float) -> Tensor:
+    """Masked language modelling through the decoder, on words hidden by `mlm_mask`."""
+    masked = mlm_mask(token_ids, probability)
+    latents = model.encode_text(token_ids, replace_mask=masked).latents
+    vocab = model.mlm_logits(latents, masked)  # (B, L, V)
+    return F.cross_entropy(vocab[masked].float(), token_ids[masked])
+
+
+def _attribute_sides(
+    video: Encoding, text: Encoding, attribute_labels: Tensor | None, heads: AttributeHeads | None
+) -> dict[str, Tensor]:
+    """The attribute loss on the video and on the caption embedding, each on its own."""
+    if attribute_labels is None or heads is None:
+        raise ValueError("the attribute loss needs scene labels and attribute heads")
+    return {
+        "attributes_video": heads.loss(video.embedding, attribute_labels),
+        "attributes_text": heads.loss(text.embedding, attribute_labels, text=True),
+    }
+
+
+def _token_attribute_loss(
+    video: Encoding, frame_mask: Tensor | None, token_labels: Tensor | None, heads: AttributeHeads | None
+) -> Tensor:
+    """The dense heads' loss on the video input tokens (each patch's shape and motion)."""
+    if token_labels is None or heads is None:
+        raise ValueError("the token attribute loss needs dense scene labels and attribute heads")
+    mask = frame_mask if frame_mask is not None else torch.ones(token_labels.shape[:2], dtype=torch.bool)
+    return heads.token_loss(video.inputs, token_labels, mask.to(token_labels.device))

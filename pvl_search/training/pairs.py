@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pvl_search.model.tokenizer import Tokenizer
 from pvl_search.media.video import to_model_input
+from pvl_search.model.tokenizer import Tokenizer
 
 # decode(path) -> (frames uint8 (F, S, S, 3), mask bool (F,)); raising marks the video failed.
 DecodeFn = Callable[[str], tuple[np.ndarray, np.ndarray]]
@@ -31,7 +31,7 @@ class FrameCache:
     keys: list[str]
 
     @classmethod
-    def open(cls, folder: str | Path) -> "FrameCache":
+    def open(cls, folder: str | Path) -> FrameCache:
         folder = Path(folder)
         keys = json.loads((folder / "keys.json").read_text())
         frames = np.load(folder / "frames.npy", mmap_mode="r")
@@ -100,7 +100,7 @@ def _decode_all(
     with DecodePool() as pool:
         jobs = ((key, path, None, frames, size) for key, path in items)
         for key, result in pool.imap(jobs):
-            yield key, result if isinstance(result, Exception) else (result[0].frames, result[0].mask)
+            yield key, result if isinstance(result, Exception) else (result.clips[0].frames, result.clips[0].mask)
 
 
 class PairSet:

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 
 from pvl_search.data.captions import load_captions
-from pvl_search.model.config import ModelConfig
-from pvl_search.model.perceiver import PerceiverVL
-from pvl_search.training.pairs import PairSet, build_frame_cache
 from pvl_search.data.scene_labels import label_maps
 from pvl_search.data.scene_stream import SceneStream, StreamSpec
+from pvl_search.model.config import ModelConfig
+from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
 from pvl_search.training.loop import ProgressFn, TrainConfig, TrainResult, train
+from pvl_search.training.pairs import PairSet, build_frame_cache
 
 
 @dataclass
@@ -127,8 +127,9 @@ def train_from_captions(
     """Train on the `train` split of a captions file, validating on `val` each epoch.
 
     `init` = "clip:MODEL:PATH" starts the self-attention stack from a local CLIP checkpoint
-    (paper 4.2); "model:DIR" starts from an own checkpoint of the same architecture; `train_only="cross"` then trains only what CLIP did not provide (stage one
-    of the paper's two-stage schedule). `limit` caps the videos per split (quick runs).
+    (paper 4.2), and `train_only="cross"` then trains only what CLIP did not provide (stage
+    one of the paper's two-stage schedule); "model:DIR" starts from an own checkpoint of the
+    same architecture, on a fresh schedule. `limit` caps the videos per split (quick runs).
 
     With `stream`, training videos come fresh from the synthetic generator (scene_stream) and
     the captions file gives only the validation split.
@@ -142,6 +143,22 @@ def train_from_captions(
                           model_frames=config.frames, model_size=config.frame_size)
         datasets["train"] = SceneStream(stream.folder or out / "stream", spec, config.text_length,
                                         passes=stream.passes, patch=config.patch)
+    model, trainable = _initial_model(config, cfg, init, train_only)
+    _write_run_record(out, captions_path, config, cfg, init, train_only, stream)
+    result: TrainResult = train(
+        model, datasets["train"], datasets["val"], cfg, out, resume=resume, trainable=trainable, progress=progress
+    )
+    return RunSummary(
+        str(out), len(datasets["train"]), len(datasets["val"]), failed, result.steps, result.seconds,
+        result.best_epoch, result.best_r1, init, cfg.to_dict(),
+    )
+
+
+def _initial_model(
+    config: ModelConfig, cfg: TrainConfig, init: str | None, train_only: str
+) -> tuple[PerceiverVL, list[torch.nn.Parameter] | None]:
+    """The model to train (fresh, from CLIP or from an own checkpoint), and the parameters to
+    train when only some are (None: all)."""
     torch.manual_seed(cfg.seed)
     model = PerceiverVL(config)
     trainable = None
@@ -158,16 +175,18 @@ def train_from_captions(
             trainable = trainable_parameters(model, train_only, copied=report.copied)
     elif train_only != "all":
         raise ValueError("--train-only cross needs --init clip:MODEL:PATH (nothing is pre-trained otherwise)")
+    return model, trainable
+
+
+def _write_run_record(
+    out: Path, captions_path: str | Path, config: ModelConfig, cfg: TrainConfig, init: str | None,
+    train_only: str, stream: StreamOptions | None,
+) -> None:
+    """out/run.json: what this run was started with, and on what."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({
         "captions": str(captions_path), "config": config.to_dict(), "train": cfg.to_dict(), "init": init,
-        "train_only": train_only, "stream": None if stream is None else asdict(stream), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "train_only": train_only, "stream": None if stream is None else asdict(stream), "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }, indent=2, default=str))
-    result: TrainResult = train(
-        model, datasets["train"], datasets["val"], cfg, out, resume=resume, trainable=trainable, progress=progress
-    )
-    return RunSummary(
-        str(out), len(datasets["train"]), len(datasets["val"]), failed, result.steps, result.seconds,
-        result.best_epoch, result.best_r1, init, cfg.to_dict(),
-    )

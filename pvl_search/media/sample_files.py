@@ -1,12 +1,9 @@
-"""Test helper: write small, real video and image files with PyAV and numpy.
+"""Write small, real video and image files with PyAV and numpy, for tests and benchmarks.
 
 Tests need real encoded files (no mocks of the decoder), in every codec and container the
 project promises to read, and they must be able to tell which frames came back. So by default
 frame i is a flat grey whose level encodes i (`frame_level`, inverted by `frame_index_of`):
 flat frames survive lossy codecs, scaling and cropping, so the index survives decoding.
-
-Import from a test file as `from media import write_video` (tests/ has no __init__.py, so
-pytest's default import mode puts tests/ on sys.path).
 """
 
 from __future__ import annotations

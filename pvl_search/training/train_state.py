@@ -1,0 +1,86 @@
+"""The training state a resumed run needs beside the model: optimizer moments and counters,
+the attribute heads and the negative bank, all as safetensors (resuming never unpickles).
+
+Each file is written to `name.tmp` and renamed, so a crash never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pvl_search.model.checkpoint import load_state, save_model
+from pvl_search.model.perceiver import PerceiverVL
+from pvl_search.training.attribute_heads import AttributeHeads
+from pvl_search.training.negative_bank import NegativeBank
+
+TRAIN_STATE_FILE = "train_state.safetensors"
+BANK_FILE = "negative_bank.safetensors"
+HEADS_FILE = "attribute_heads.safetensors"
+
+
+def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, meta: dict) -> None:
+    """Optimizer moments as safetensors and counters as metadata: resuming never unpickles."""
+    tensors, scalars = {}, {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = float(value)
+    tmp = folder / (TRAIN_STATE_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta), "scalars": json.dumps(scalars)})
+    os.replace(tmp, folder / TRAIN_STATE_FILE)
+
+
+def load_train_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:
+    from safetensors import safe_open
+
+    path = folder / TRAIN_STATE_FILE
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in json.loads(metadata["scalars"]).items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = torch.tensor(value)
+    saved = optimizer.state_dict()
+    saved["state"] = state
+    optimizer.load_state_dict(saved)
+    return json.loads(metadata["meta"])
+
+
+def write_checkpoint(
+    model: PerceiverVL, folder: Path, optimizer: torch.optim.Optimizer, meta: dict, bank: NegativeBank | None,
+    heads: AttributeHeads | None = None,
+) -> None:
+    save_model(model, folder)
+    if heads is not None:  # training-only weights: part of the state a resume needs
+        tmp = folder / (HEADS_FILE + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(tmp))
+        os.replace(tmp, folder / HEADS_FILE)
+    if bank is not None:  # part of the training state: a resumed run mines what this one would
+        tmp = folder / (BANK_FILE + ".tmp")
+        save_file({k: v.contiguous() for k, v in bank.state_dict().items()}, str(tmp))
+        os.replace(tmp, folder / BANK_FILE)
+    save_train_state(folder, optimizer, meta)
+
+
+def restore_checkpoint(
+    folder: Path, model: PerceiverVL, optimizer: torch.optim.Optimizer, bank: NegativeBank | None,
+    heads: AttributeHeads | None,
+) -> dict:
+    """Load what `write_checkpoint` wrote into the live objects; returns its counters."""
+    load_state(model, load_file(str(folder / "model.safetensors")), source=str(folder))
+    if bank is not None and (folder / BANK_FILE).exists():
+        bank.load_state_dict(load_file(str(folder / BANK_FILE)))
+    if heads is not None:
+        heads.load_state_dict(load_file(str(folder / HEADS_FILE)))
+    return load_train_state(folder, optimizer)
