@@ -92,6 +92,7 @@ from indexer.paths import from_stored, to_stored
 from indexer.row_store import RowStore, fsync_dir, read_tag
 from indexer.thumbnail_store import ThumbnailStore
 from indexer.schema import IndexInfo, Segment, Video, VideoStatus
+from indexer.vector_backend import MILVUS_META_FILE, load_vectors, new_vectors, vectors_path
 from indexer.vector_index import DEFAULT_APPROX_THRESHOLD, VectorIndex
 
 EMBEDDINGS_FILE = "embeddings.f16"
@@ -133,6 +134,7 @@ class IndexLayout:
     rerank_width: int  # D + H
     latent_shape: tuple[int, int] | None = None  # (N, D) to keep full latents, else None
     faiss_factory: str | None = None  # None: exact, then IVF past the size threshold
+    vectors: str | None = None  # None: FAISS file; "milvus:URI" (indexer/vector_backend.py)
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ def _layout_of(info: IndexInfo) -> IndexLayout | None:
     latent = None
     if info.latent_tokens is not None and info.latent_dim is not None:
         latent = (info.latent_tokens, info.latent_dim)
-    return IndexLayout(info.embedding_dim, info.rerank_width, latent, info.faiss_factory)
+    return IndexLayout(info.embedding_dim, info.rerank_width, latent, info.faiss_factory, info.vector_store)
 
 
 def _sqlite_read_only_on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -364,15 +366,18 @@ class IndexStore:
         return [s for s in stores if s is not None]
 
     def _new_vectors(self, layout: IndexLayout) -> VectorIndex:
-        return VectorIndex(
-            layout.embedding_dim,
-            factory=layout.faiss_factory,
-            approx_threshold=self.approx_threshold,
-            **self._search_params,
-        )
+        return new_vectors(self, layout)  # FAISS, or Milvus where the index records it
 
     def _load_vectors(self, layout: IndexLayout) -> VectorIndex | None:
         """The saved FAISS index if it belongs here; None means rebuild (it is derived)."""
+        if layout.vectors:
+            loaded = load_vectors(self, layout)
+            if loaded is None:
+                return None
+            vectors, meta = loaded
+            self._faiss_rows, self._faiss_seq = int(meta.get("rows", -1)), int(meta.get("removal_seq", -1))
+            self._faiss_valid = self._faiss_rows >= 0 and meta.get("index_uuid") == self._uuid
+            return vectors
         path = self.directory / FAISS_FILE
         if not path.exists():
             return None
@@ -638,15 +643,18 @@ class IndexStore:
                 raise ModelMismatchError(
                     f"index {self.directory} stores {current}, the model gives {layout}"
                 )
-            if current.faiss_factory != layout.faiss_factory:
-                self._write_info(faiss_factory=layout.faiss_factory)
+            if (current.faiss_factory, current.vectors) != (layout.faiss_factory, layout.vectors):
+                self._write_info(faiss_factory=layout.faiss_factory, vector_store=layout.vectors)
+                if hasattr(self.vectors, "close"):
+                    self.vectors.close()  # a Milvus collection is let go of
+                self.vectors = None  # rebuilt below in the store the index records now
                 self._faiss_valid = False
                 self._reconcile()
             return
         # Nothing committed: old store files (if any) hold no data; drop them before the
         # new layout is committed, so a crash in between leaves nothing of the wrong width.
         self._close_data()
-        for name in (EMBEDDINGS_FILE, RERANK_FILE, LATENTS_FILE, FAISS_FILE):
+        for name in (EMBEDDINGS_FILE, RERANK_FILE, LATENTS_FILE, FAISS_FILE, MILVUS_META_FILE):
             (self.directory / name).unlink(missing_ok=True)
         fsync_dir(self.directory)
         latent = layout.latent_shape
@@ -658,6 +666,7 @@ class IndexStore:
             latent_tokens=latent[0] if latent else None,
             latent_dim=latent[1] if latent else None,
             faiss_factory=layout.faiss_factory,
+            vector_store=layout.vectors,
             encode_dtype=None,  # nothing encoded with this model yet
         )
         self._open_data()
@@ -936,7 +945,7 @@ class IndexStore:
             "removal_seq": self._faiss_seq,
             "factory": self.layout.faiss_factory if self.layout else None,
         }
-        self.vectors.save(self.directory / FAISS_FILE)
+        self.vectors.save(vectors_path(self.directory, self.layout))
         self._dirty = False
 
     # -- reads --------------------------------------------------------------------------
@@ -1015,6 +1024,9 @@ class IndexStore:
 
     def rerank_states(self, ids: Any) -> np.ndarray:
         """Rerank states of segments `ids`, float32 (K, D + H), read from the mapped store."""
+        fetched = getattr(self.vectors, "fetched_states", None)  # Milvus returns them with the hits
+        if fetched is not None and (states := fetched(self._committed_ids(ids))) is not None:
+            return states
         return self._require(self.rerank_store).get(self._committed_ids(ids))
 
     def latents(self, ids: Any) -> np.ndarray:
@@ -1046,7 +1058,7 @@ class IndexStore:
                 .limit(recent_failures)
             ).all()
         sizes = {s.path.name: s.nbytes for s in self._stores()}
-        files = [self.directory / FAISS_FILE]
+        files = [self.directory / FAISS_FILE, self.directory / MILVUS_META_FILE]
         url = make_url(self.db_url)
         if url.get_backend_name() == "sqlite" and url.database:
             files += [Path(url.database + suffix) for suffix in ("", "-wal")]
@@ -1069,6 +1081,8 @@ class IndexStore:
     def _close_data(self) -> None:
         for store in self._stores():
             store.close()
+        if hasattr(self.vectors, "close"):  # a Milvus client lets go of its connection
+            self.vectors.close()
         self.embedding_store = self.rerank_store = self.latent_store = None
         self.vectors = None
         self._data_layout = None
