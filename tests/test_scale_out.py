@@ -207,7 +207,7 @@ def test_ray_indexing_matches_local(local_ray, tmp_path: Path, corpus: Path, run
 def test_sigkill_of_a_ray_worker_mid_run(local_ray, tmp_path: Path, runner: ModelRunner,  # noqa: ANN001
                                          model_dir: Path) -> None:
     media, folder = tmp_path / "media", tmp_path / "idx"
-    make_corpus(media, 16, long_every=8)
+    make_corpus(media, 10, long_every=8)
     killed: list[int] = []
 
     def kill_one_worker(progress) -> None:  # noqa: ANN001 - IndexProgress
@@ -223,8 +223,8 @@ def test_sigkill_of_a_ray_worker_mid_run(local_ray, tmp_path: Path, runner: Mode
             [media], store, runner, options(ray=RayOptions("local", 2, model_dir=str(model_dir), files_per_task=1)),
             progress=kill_one_worker)
     assert killed, "no worker was killed"
-    assert (summary.indexed, summary.failed) == (16, {})
-    assert_exactly_once(folder, 16)
+    assert (summary.indexed, summary.failed) == (10, {})
+    assert_exactly_once(folder, 10)
 
 
 def test_a_worker_that_cannot_open_a_planned_file_stops_the_run(
