@@ -182,11 +182,13 @@ def index(
     from indexer.pipeline import IndexOptions, build_index, rebuild_vectors
 
     from indexer.ray_indexing import RayOptions
-    from indexer.vector_backend import require_cluster_extra
+    from indexer.vector_backend import parse_vectors, require_cluster_extra
 
     try:
         if ray is not None:
             require_cluster_extra("--ray", "ray")
+        if vectors is not None:
+            parse_vectors(vectors)  # a bad --vectors is refused before the model loads
         if rebuild:
             count = rebuild_vectors(index_dir, db, vectors)
             console.print(json.dumps({"rebuilt_vectors": count}) if as_json else f"rebuilt vectors: {count}")

@@ -29,6 +29,7 @@ def make_corpus(folder: Path, n: int, seconds: float) -> None:
     from media import write_video
 
     rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         base = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
 
