@@ -49,7 +49,19 @@ def index(
     faiss_factory: Annotated[str | None, typer.Option(help="FAISS factory string, e.g. HNSW32 (default: exact, "
                                                            "switching to IVF past 50k segments).")] = None,
     retry_failed: Annotated[bool, typer.Option(help="Retry files that failed before even if unchanged.")] = False,
-    rebuild: Annotated[bool, typer.Option(help="Only recreate the FAISS index from the stored embeddings.")] = False,
+    rebuild: Annotated[bool, typer.Option(help="Only recreate the FAISS index (or Milvus collection) from the stored "
+                                          "embeddings; with --vectors, move the vectors there first.")] = False,
+    vectors: Annotated[str | None, typer.Option(
+        help="Where the vectors live: faiss (a file in the index folder) or milvus:URI, URI a Milvus Lite file "
+             "(PATH.db) or http://HOST:19530, optionally #HNSW etc. (default FLAT, exact). Recorded in the index: "
+             "search, serve, eval and status follow it. Default: what the index records (faiss for a new one). "
+             "Needs the cluster extra.")] = None,
+    ray: Annotated[str | None, typer.Option(
+        help="Decode and encode on Ray: local (start one here), auto (the running cluster) or ray://HOST:PORT. "
+             "Every worker must see the files (and --model) at the same paths as this machine: a shared "
+             "filesystem. This process writes the index. Needs the cluster extra.")] = None,
+    ray_workers: Annotated[int, typer.Option(min=1, help="Ray encoder actors (one model each).")] = 2,
+    ray_gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per Ray actor (0: CPU).")] = 0.0,
     thumbnails: Annotated[bool, typer.Option(help="Keep a small JPEG per segment for the web page (taken from the "
                                              "frames decoded anyway; segments indexed without one get it).")] = True,
     device: Device = None,
@@ -65,21 +77,30 @@ def index(
 
     from indexer.index_store import IndexStore
     from indexer.pipeline import IndexOptions, build_index, rebuild_vectors
+    from indexer.ray_indexing import RayOptions
+    from indexer.vector_backend import parse_vectors, require_cluster_extra
 
     try:
+        if ray is not None:
+            require_cluster_extra("--ray", "ray")
+        if vectors is not None:
+            parse_vectors(vectors)  # a bad --vectors is refused before the model loads
         if rebuild:
-            count = rebuild_vectors(index_dir, db)
-            console.print(json.dumps({"rebuilt_vectors": count}) if as_json
-                          else f"rebuilt FAISS index: {count} vectors")
+            count = rebuild_vectors(index_dir, db, vectors)
+            console.print(json.dumps({"rebuilt_vectors": count}) if as_json else f"rebuilt vectors: {count}")
             return
         if not paths:
             raise fail("give at least one video file or folder to index")
         if decoder not in ("auto", "decord", "pyav"):
             raise fail(f"--decoder must be auto, decord or pyav, not {decoder!r}")
         runner = _load_runner(model, device, dtype=dtype)
+        ray_options = None if ray is None else RayOptions(ray, ray_workers, ray_gpus_per_worker,
+                                                          model_dir=str(model.resolve()) if model else None,
+                                                          dtype=dtype)
         options = IndexOptions(window_s=window, stride_s=stride, batch_size=batch_size, workers=workers,
                                timeout_s=timeout, backend=decoder, store_latents=store_latents,
-                               faiss_factory=faiss_factory, retry_failed=retry_failed, thumbnails=thumbnails)
+                               faiss_factory=faiss_factory, retry_failed=retry_failed, thumbnails=thumbnails,
+                               vectors=vectors, ray=ray_options)
         with IndexStore(index_dir, db) as store, Progress(
             TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]:.1f} videos/s"), TimeRemainingColumn(),

@@ -69,6 +69,7 @@ from indexer.store_records import (
     pause_point,
     size_mtime,
 )
+from indexer.vector_backend import MILVUS_META_FILE, vectors_path
 
 
 class IndexStore(StoreBase):
@@ -185,15 +186,18 @@ class IndexStore(StoreBase):
                 raise ModelMismatchError(
                     f"index {self.directory} stores {current}, the model gives {layout}"
                 )
-            if current.faiss_factory != layout.faiss_factory:
-                self._write_info(faiss_factory=layout.faiss_factory)
+            if (current.faiss_factory, current.vectors) != (layout.faiss_factory, layout.vectors):
+                self._write_info(faiss_factory=layout.faiss_factory, vector_store=layout.vectors)
+                if hasattr(self.vectors, "close"):
+                    self.vectors.close()  # a Milvus collection is let go of
+                self.vectors = None  # rebuilt below in the store the index records now
                 self._faiss_valid = False
                 self._reconcile()
             return
         # Nothing committed: old store files (if any) hold no data; drop them before the
         # new layout is committed, so a crash in between leaves nothing of the wrong width.
         self._close_data()
-        for name in (EMBEDDINGS_FILE, RERANK_FILE, LATENTS_FILE, FAISS_FILE):
+        for name in (EMBEDDINGS_FILE, RERANK_FILE, LATENTS_FILE, FAISS_FILE, MILVUS_META_FILE):
             (self.directory / name).unlink(missing_ok=True)
         fsync_dir(self.directory)
         latent = layout.latent_shape
@@ -205,6 +209,7 @@ class IndexStore(StoreBase):
             latent_tokens=latent[0] if latent else None,
             latent_dim=latent[1] if latent else None,
             faiss_factory=layout.faiss_factory,
+            vector_store=layout.vectors,
             encode_dtype=None,  # nothing encoded with this model yet
         )
         self._open_data()
@@ -460,7 +465,7 @@ class IndexStore(StoreBase):
             "removal_seq": self._faiss_seq,
             "factory": self.layout.faiss_factory if self.layout else None,
         }
-        self.vectors.save(self.directory / FAISS_FILE)
+        self.vectors.save(vectors_path(self.directory, self.layout))
         self._dirty = False
 
     def sync_thumbnails(self) -> list[SegmentInfo]:

@@ -24,8 +24,10 @@ from indexer.encoding import EncodedClips, ModelRunner
 from indexer.errors import IndexStoreError
 from indexer.index_store import IndexStore
 from indexer.paths import shown
+from indexer.ray_indexing import RayOptions
 from indexer.schema import VideoStatus
 from indexer.store_records import IndexLayout, KnownVideo, SegmentInfo, VideoMeta, fingerprint_file
+from indexer.vector_backend import resolve_vectors, switch_vectors
 from pvl_search.media.decode_pool import DecodedVideo, DecodePool
 from pvl_search.media.thumbnails import clip_thumbnail
 from pvl_search.media.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Backend, VideoDecodeError, Windows
@@ -49,6 +51,8 @@ class IndexOptions:
     retry_failed: bool = False  # try files that failed before even if they did not change
     save_every: int = 200  # videos between FAISS saves (it is derived: only restart cost)
     thumbnails: bool = True  # a small JPEG per segment, from the frames the encoder decoded
+    vectors: str | None = None  # "faiss" or "milvus:URI"; None: what the index records (indexer/vector_backend.py)
+    ray: RayOptions | None = None  # decode + encode on a Ray cluster (indexer/ray_indexing.py)
 
 
 @dataclass
@@ -249,6 +253,7 @@ def build_index(
         config.rerank_state_width,
         (config.latents, config.hidden) if keep_latents else None,
         options.faiss_factory,
+        resolve_vectors(options.vectors, store.layout),
     )
     if store.layout is None:
         store.set_model(config.to_json(), runner.fingerprint, layout)
@@ -292,11 +297,16 @@ def build_index(
     try:
         with DecodePool(options.workers, options.timeout_s, options.backend) as pool:
             written = 0
-            decoded = _decoded(pool.imap(jobs), todo, store, summary, report)
-            for video in _encode_batches(decoded, runner, options):
+            if options.ray is None:
+                videos = _encode_batches(_decoded(pool.imap(jobs), todo, store, summary, report), runner, options)
+            else:  # decoded and encoded by Ray actors; this process stays the one writer
+                from indexer.ray_indexing import ray_encoded
+
+                videos = ray_encoded(todo, runner, options, store, summary, report)
+            for video in videos:
                 _write(video, store, options)
                 summary.indexed += 1
-                summary.segments += len(video.decoded.clips)
+                summary.segments += sum(len(part.embeddings) for part in video.parts)
                 written += 1
                 if written % options.save_every == 0:
                     store.save_faiss()
@@ -412,16 +422,24 @@ def _write(video: _Pending, store: IndexStore, options: IndexOptions) -> None:
         np.concatenate([p.embeddings for p in video.parts]),
         np.concatenate([p.rerank_states for p in video.parts]),
         latents,
-        thumbnails=[clip_thumbnail(clip.frames, clip.mask) for clip in decoded.clips] if options.thumbnails else None,
+        thumbnails=_thumbnails(decoded) if options.thumbnails else None,
     )
 
 
-def rebuild_vectors(index_dir: str | Path, db_url: str | None = None) -> int:
-    """Recreate the FAISS index from the stored embeddings alone; returns its size.
+def _thumbnails(decoded: DecodedVideo) -> list[bytes | None]:
+    made = getattr(decoded, "thumbnails", None)  # made by a Ray worker beside the frames
+    return made if made is not None else [clip_thumbnail(clip.frames, clip.mask) for clip in decoded.clips]
+
+
+def rebuild_vectors(index_dir: str | Path, db_url: str | None = None, vectors: str | None = None) -> int:
+    """Recreate the FAISS index (or the Milvus collection) from the stored embeddings alone;
+    returns its size. `vectors` ("faiss", "milvus:URI") moves the index to that store first.
 
     The writer lock comes first: while another process writes the index this refuses
     (IndexLockedError) and touches nothing."""
     if not (Path(index_dir).is_dir()):
         raise IndexStoreError(f"no index at {index_dir}")
     with IndexStore(index_dir, db_url) as store:
+        if vectors is not None:
+            switch_vectors(store, vectors)
         return store.rebuild_vectors()

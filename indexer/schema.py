@@ -137,6 +137,7 @@ class IndexInfo(Base):
     latent_tokens: Mapped[int | None] = mapped_column(Integer)  # N, when latents are kept
     latent_dim: Mapped[int | None] = mapped_column(Integer)  # D, when latents are kept
     faiss_factory: Mapped[str | None] = mapped_column(String(128))  # None: automatic
+    vector_store: Mapped[str | None] = mapped_column(String(1024))  # None: FAISS; "milvus:URI"
     # Crash-safety counters (see indexer/index_store.py): store rows that belong to
     # committed segments, and a counter bumped by every transaction that removes segments.
     committed_rows: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -34,6 +34,7 @@ from indexer.store_records import (
     layout_of,
 )
 from indexer.thumbnail_store import ThumbnailStore
+from indexer.vector_backend import MILVUS_META_FILE, load_vectors, new_vectors
 from indexer.vector_index import DEFAULT_APPROX_THRESHOLD, VectorIndex
 
 
@@ -130,15 +131,18 @@ class StoreBase:
         return [s for s in stores if s is not None]
 
     def _new_vectors(self, layout: IndexLayout) -> VectorIndex:
-        return VectorIndex(
-            layout.embedding_dim,
-            factory=layout.faiss_factory,
-            approx_threshold=self.approx_threshold,
-            **self._search_params,
-        )
+        return new_vectors(self, layout)  # FAISS, or Milvus where the index records it
 
     def _load_vectors(self, layout: IndexLayout) -> VectorIndex | None:
         """The saved FAISS index if it belongs here; None means rebuild (it is derived)."""
+        if layout.vectors:
+            loaded = load_vectors(self, layout)
+            if loaded is None:
+                return None
+            vectors, meta = loaded
+            self._faiss_rows, self._faiss_seq = int(meta.get("rows", -1)), int(meta.get("removal_seq", -1))
+            self._faiss_valid = self._faiss_rows >= 0 and meta.get("index_uuid") == self._uuid
+            return vectors
         path = self.directory / FAISS_FILE
         if not path.exists():
             return None
@@ -352,6 +356,9 @@ class StoreBase:
 
     def rerank_states(self, ids: Any) -> np.ndarray:
         """Rerank states of segments `ids`, float32 (K, D + H), read from the mapped store."""
+        fetched = getattr(self.vectors, "fetched_states", None)  # Milvus returns them with the hits
+        if fetched is not None and (states := fetched(self._committed_ids(ids))) is not None:
+            return states
         return self._require(self.rerank_store).get(self._committed_ids(ids))
 
     def latents(self, ids: Any) -> np.ndarray:
@@ -383,7 +390,7 @@ class StoreBase:
                 .limit(recent_failures)
             ).all()
         sizes = {s.path.name: s.nbytes for s in self._stores()}
-        files = [self.directory / FAISS_FILE]
+        files = [self.directory / FAISS_FILE, self.directory / MILVUS_META_FILE]
         url = make_url(self.db_url)
         if url.get_backend_name() == "sqlite" and url.database:
             files += [Path(url.database + suffix) for suffix in ("", "-wal")]
@@ -409,6 +416,8 @@ class StoreBase:
     def _close_data(self) -> None:
         for store in self._stores():
             store.close()
+        if hasattr(self.vectors, "close"):  # a Milvus client lets go of its connection
+            self.vectors.close()
         self.embedding_store = self.rerank_store = self.latent_store = None
         self.vectors = None
         self._data_layout = None

@@ -51,6 +51,7 @@ class IndexLayout:
     rerank_width: int  # D + H
     latent_shape: tuple[int, int] | None = None  # (N, D) to keep full latents, else None
     faiss_factory: str | None = None  # None: exact, then IVF past the size threshold
+    vectors: str | None = None  # None: FAISS file; "milvus:URI" (indexer/vector_backend.py)
 
 
 @dataclass(frozen=True)
@@ -119,5 +120,5 @@ def layout_of(info: IndexInfo) -> IndexLayout | None:
     latent = None
     if info.latent_tokens is not None and info.latent_dim is not None:
         latent = (info.latent_tokens, info.latent_dim)
-    return IndexLayout(info.embedding_dim, info.rerank_width, latent, info.faiss_factory)
+    return IndexLayout(info.embedding_dim, info.rerank_width, latent, info.faiss_factory, info.vector_store)
 

@@ -2,7 +2,7 @@
 # The README's test command: set up everything the suite needs, then run all of it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+PVL_EXTRAS=test,plot,cluster bash scripts/setup.sh  # the scale-out tests start Ray and Milvus Lite
 # The PostgreSQL tests start a private server from the Debian binaries.
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive

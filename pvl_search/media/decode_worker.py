@@ -54,7 +54,7 @@ def worker_main(conn: Connection, fit: Fit) -> None:
         path, spans, num_frames, size, backend = message
         try:
             if isinstance(spans, Windows):
-                spans, info = _plan(Path(path), spans)
+                spans, info = plan_windows(Path(path), spans)
                 conn.send(("plan", (spans, info)))
             for clip in iter_clips(Path(path), spans, num_frames, size, backend=backend, fit=fit, threads=1):
                 conn.send(("clip", clip.mask))
@@ -66,7 +66,7 @@ def worker_main(conn: Connection, fit: Fit) -> None:
             conn.send(("error", VideoDecodeError(path, f"{type(error).__name__}: {error}")))
 
 
-def _plan(path: Path, windows: Windows) -> tuple[list[Span] | None, VideoInfo]:
+def plan_windows(path: Path, windows: Windows) -> tuple[list[Span] | None, VideoInfo]:
     """Probe the file and cut it into windows; an image, or a video whose header gives no
     duration, is one clip over all of it (spans None)."""
     info = probe(path)
