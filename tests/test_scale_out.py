@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray  # the cluster extra: scripts/test.sh installs it
-import torch
+from index_helpers import pattern
 from typer.testing import CliRunner
 
 from cli import app
@@ -37,26 +37,12 @@ from indexer.ray_indexing import ACTOR_PREFIX, RayOptions
 from indexer.searcher import Searcher, SearchFilters
 from indexer.store_records import PAUSE_ENV
 from pvl_search.media.sample_files import write_video
-from pvl_search.model.checkpoint import save_model
-from pvl_search.model.config import preset
-from pvl_search.model.perceiver import PerceiverVL
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG = preset("tiny").replace(
-    hidden=64, heads=4, latents=8, blocks=1, self_layers=1, frame_size=32, patch=8, frames=4,
-    token_dim=16, embed_dim=32,
-)
 F16_TOL = {"rtol": 2e-3, "atol": 2e-3}
 QUERIES = ["a red circle moves left", "blue square", "something green and small", "two shapes"]
 
 
-def pattern(seed: int):  # noqa: ANN201 - a media.FrameFn
-    def frame(index: int, width: int, height: int) -> np.ndarray:
-        rng = np.random.default_rng(seed * 1000 + index // 2)
-        blocks = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
-        return np.ascontiguousarray(blocks.repeat(8, 0).repeat(8, 1)[:height, :width])
-
-    return frame
 
 
 def make_corpus(folder: Path, n: int, *, long_every: int = 4) -> list[Path]:
@@ -80,15 +66,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    return save_model(PerceiverVL(CONFIG), tmp_path_factory.mktemp("model"))
 
 
-@pytest.fixture(scope="module")
-def runner(model_dir: Path) -> ModelRunner:
-    return ModelRunner.from_folder(model_dir, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

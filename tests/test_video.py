@@ -363,7 +363,8 @@ def test_pool_runs_ahead_of_the_consumer_but_boundedly(clip_mp4: Path) -> None:
 def test_pool_shuts_down_cleanly_when_the_consumer_stops_early(clip_mp4: Path) -> None:
     jobs = [(i, clip_mp4, None, 2, SIZE) for i in range(20)]
     with DecodePool(workers=2) as pool:
-        key, _ = next(iter(pool.imap(jobs)))  # the consumer stops after the first video
+        results = pool.imap(jobs)  # kept referenced: the consumer stops after the first video
+        key, _ = next(results)
         pids = pool.worker_pids
     assert key == 0 and len(pids) == 2
     wait_for(lambda: not any(alive(pid) for pid in pids), timeout_s=10)
