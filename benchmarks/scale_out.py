@@ -2,7 +2,7 @@
 Milvus Lite vs FAISS query latency at 100k clustered vectors, and bytes per segment in each
 store (the numbers docs/deploy.md extrapolates from).
 
-    PYTHONPATH=. nice -n 19 python3 benchmarks/scale_out.py [--videos 24] [--vectors 100000]
+    PYTHONPATH=. python3 benchmarks/scale_out.py [--videos 24] [--vectors 100000]
 
 Prints a Markdown block for BENCHMARKS.md. The corpus is decode-bound on purpose (larger
 frames than the model reads, 10 fps), since decoding is what Ray spreads over machines; the
@@ -142,10 +142,11 @@ def main() -> None:
 
     rate = {k: v["segments"] / v["seconds"] for k, v in runs.items()}
     steady = {k: v["segments"] / v["steady_s"] for k, v in runs.items()}
-    print(f"\n## Scale-out (issue #16): `PYTHONPATH=. nice -n 19 python3 benchmarks/scale_out.py "
+    print(f"\n## Scale-out (issue #16): `PYTHONPATH=. python3 benchmarks/scale_out.py "
           f"--videos {args.videos} --seconds {args.seconds:g} --vectors {args.vectors}`\n")
     print(f"{args.videos} videos of {args.seconds:g} s, 320x240 at 10 fps ({runs['Ray, 2 workers']['segments']} "
-          "segments), shipped tiny model, float32, CPU, 2 cores shared with a training run.\n")
+          f"segments), shipped tiny model, float32, CPU, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f} at the end.\n")
     print("| run | wall s | segments/s | segments/s after the first video |")
     print("|---|---:|---:|---:|")
     for k, v in runs.items():
