@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from indexer.database import open_database
@@ -69,6 +69,7 @@ from indexer.store_records import (
     pause_point,
     size_mtime,
 )
+from indexer.store_sql import bump_rows, take_out_segments, upsert_video
 from indexer.vector_backend import MILVUS_META_FILE, vectors_path
 
 
@@ -266,7 +267,7 @@ class IndexStore(StoreBase):
             pause_point("stores_appended")
             with self.db.sessions.begin() as s:
                 self._check_rows(s, first)
-                video, old_ids = self._upsert_video(s, path)
+                video, old_ids = upsert_video(s, path)
                 video.size, video.mtime, video.fingerprint = size, mtime, fingerprint
                 video.duration, video.fps = info.duration, info.fps
                 video.width, video.height = info.width, info.height
@@ -280,7 +281,7 @@ class IndexStore(StoreBase):
                             for i, (a, b) in enumerate(spans.tolist())
                         ],
                     )
-                seq = self._bump_rows(s, first + n, removed=bool(old_ids))
+                seq = bump_rows(s, first + n, removed=bool(old_ids))
                 video_id = video.id
         except BaseException:
             self._recover_after_failure()
@@ -325,35 +326,6 @@ class IndexStore(StoreBase):
                 f"(expected {first} committed rows, found {info.committed_rows})"
             )
 
-    @staticmethod
-    def _bump_rows(s: Session, rows: int, *, removed: bool) -> int:
-        info = s.get(IndexInfo, 1)
-        info.committed_rows = rows
-        if removed:
-            info.removal_seq += 1
-        return info.removal_seq
-
-    @staticmethod
-    def _upsert_video(s: Session, path: str) -> tuple[Video, list[int]]:
-        """The video row for `path` (new if needed) and the ids of its live segments, which
-        this transaction flags removed."""
-        text, raw = to_stored(path)
-        video = s.scalars(select(Video).where(Video.path == text)).one_or_none()
-        if video is None:
-            video = Video(path=text, path_bytes=raw)
-            s.add(video)
-            return video, []
-        return video, IndexStore._take_out_segments(s, video.id)
-
-    @staticmethod
-    def _take_out_segments(s: Session, video_id: int) -> list[int]:
-        """Flag the live segments of a video removed; returns their ids."""
-        live = (Segment.video_id == video_id, Segment.removed.is_(False))
-        ids = list(s.scalars(select(Segment.id).where(*live)))
-        if ids:
-            s.execute(update(Segment).where(*live).values(removed=True))
-        return ids
-
     def _recover_after_failure(self) -> None:
         # The write may or may not have committed (a lost commit acknowledgement): ask SQL.
         self._needs_recovery = True
@@ -377,7 +349,7 @@ class IndexStore(StoreBase):
         self._dirty = True
 
     def _remove_video(self, s: Session, video: Video, status: VideoStatus) -> tuple[list[int], int]:
-        old_ids = self._take_out_segments(s, video.id)
+        old_ids = take_out_segments(s, video.id)
         video.status = status.value
         info = s.get(IndexInfo, 1, with_for_update=True)
         if old_ids:

@@ -17,10 +17,9 @@ from sqlalchemy.orm import Session
 from indexer.database import Database, default_url
 from indexer.errors import IndexStoreError, ModelMismatchError
 from indexer.paths import from_stored
-from indexer.request import SearchFilters
 from indexer.row_store import RowStore, read_tag
 from indexer.schema import IndexInfo, Segment, Video, VideoStatus
-from indexer.sql_filters import path_matches
+from indexer.store_queries import StoreQueries
 from indexer.store_records import (
     EMBEDDINGS_FILE,
     FAISS_FILE,
@@ -29,7 +28,6 @@ from indexer.store_records import (
     THUMBNAILS_DIR,
     IndexLayout,
     IndexStats,
-    KnownVideo,
     SegmentInfo,
     layout_of,
 )
@@ -52,7 +50,7 @@ def _config_diff(stored: str, given: str) -> str:
 
 
 
-class StoreBase:
+class StoreBase(StoreQueries):
     """An open index folder (+ database); use as a context manager. Subclasses open it:
     `IndexStore` (the one writer) or `IndexReader` (any number, read-only)."""
 
@@ -237,16 +235,6 @@ class StoreBase:
 
     # -- reads --------------------------------------------------------------------------
 
-    def known_videos(self) -> dict[str, KnownVideo]:
-        """Every video the index knows: path -> (size, mtime, fingerprint, status)."""
-        with self.db.sessions() as s:
-            rows = s.execute(
-                select(Video.path, Video.path_bytes, Video.size, Video.mtime, Video.fingerprint, Video.status)
-            )
-            return {
-                from_stored(r.path, r.path_bytes): KnownVideo(r.size, r.mtime, r.fingerprint, r.status) for r in rows
-            }
-
     def search(
         self, xq: np.ndarray, k: int, allowed_ids: Any = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -275,72 +263,6 @@ class StoreBase:
                     path = from_stored(r.path, r.path_bytes)
                     out[r.id] = SegmentInfo(r.id, r.video_id, path, r.start_s, r.end_s, r.removed, r.duration)
         return out
-
-    def filtered_segment_ids(self, filters: SearchFilters) -> np.ndarray:
-        """Ids of live segments whose video passes the filters (applied in SQL), ascending."""
-        query = (
-            select(Segment.id)
-            .join(Video, Segment.video_id == Video.id)
-            .where(Segment.removed.is_(False), Video.status == VideoStatus.INDEXED.value)
-        )
-        if filters.path_glob:
-            query = query.where(path_matches(Video.path, filters.path_glob, self.db.engine.dialect.name))
-        if filters.min_duration is not None:
-            query = query.where(Video.duration >= filters.min_duration)
-        if filters.max_duration is not None:
-            query = query.where(Video.duration <= filters.max_duration)
-        if filters.added_since is not None:
-            query = query.where(Video.created_at >= filters.added_since)
-        with self.db.sessions() as s:
-            return np.asarray(s.scalars(query.order_by(Segment.id)).all(), dtype=np.int64)
-
-    def counts(self) -> tuple[int, int]:
-        """(indexed videos, searchable segments) as SQL has them now."""
-        with self.db.sessions() as s:
-            videos = s.scalar(select(func.count()).select_from(Video).where(Video.status == VideoStatus.INDEXED.value))
-            segments = s.scalar(select(func.count()).select_from(Segment).where(Segment.removed.is_(False)))
-        return int(videos or 0), int(segments or 0)
-
-    def video_details(self, video_id: int) -> dict | None:
-        """Metadata of one video and its live segments; None when there is no such video.
-        `path` is the readable form (indexer/paths.py)."""
-        with self.db.sessions() as s:
-            video = s.get(Video, video_id)
-            if video is None:
-                return None
-            segments = s.scalars(
-                select(Segment)
-                .where(Segment.video_id == video_id, Segment.removed.is_(False))
-                .order_by(Segment.start_s)
-            ).all()
-            return {
-                "id": video.id, "path": video.path, "status": video.status, "duration": video.duration,
-                "fps": video.fps, "width": video.width, "height": video.height, "error": video.error,
-                "created_at": video.created_at.isoformat() if video.created_at else None,
-                "segments": [{"id": seg.id, "start_s": seg.start_s, "end_s": seg.end_s} for seg in segments],
-            }
-
-    def video_file(self, video_id: int) -> tuple[str, str] | None:
-        """(the video's exact path on disk, its status); None when there is no such video."""
-        with self.db.sessions() as s:
-            query = select(Video.path, Video.path_bytes, Video.status).where(Video.id == video_id)
-            row = s.execute(query).one_or_none()
-        return None if row is None else (from_stored(row.path, row.path_bytes), row.status)
-
-    def is_live_segment(self, segment_id: int) -> bool:
-        """Whether the segment is searchable: not removed, of an indexed video."""
-        with self.db.sessions() as s:
-            return s.scalar(
-                select(Segment.id)
-                .join(Video, Segment.video_id == Video.id)
-                .where(Segment.id == segment_id, Segment.removed.is_(False), Video.status == VideoStatus.INDEXED.value)
-            ) is not None
-
-    def segment_ids(self) -> np.ndarray:
-        """Ids of searchable segments, ascending."""
-        query = select(Segment.id).where(Segment.removed.is_(False)).order_by(Segment.id)
-        with self.db.sessions() as s:
-            return np.asarray(s.scalars(query).all(), dtype=np.int64)
 
     def _committed_ids(self, ids: Any) -> np.ndarray:
         idx = np.asarray(ids, dtype=np.int64).reshape(-1)
