@@ -48,14 +48,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert, select
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from indexer.database import open_database
 from indexer.errors import IndexLockedError, IndexStoreError, ModelMismatchError, RowStoreError
-from indexer.paths import to_stored
 from indexer.row_store import RowStore, fsync_dir
-from indexer.schema import IndexInfo, Segment, Video, VideoStatus
+from indexer.schema import IndexInfo, Segment, VideoStatus
 from indexer.store_base import StoreBase
 from indexer.store_records import (
     EMBEDDINGS_FILE,
@@ -69,11 +68,12 @@ from indexer.store_records import (
     pause_point,
     size_mtime,
 )
-from indexer.store_sql import bump_rows, take_out_segments, upsert_video
+from indexer.store_removals import StoreRemovals
+from indexer.store_sql import bump_rows, upsert_video
 from indexer.vector_backend import MILVUS_META_FILE, vectors_path
 
 
-class IndexStore(StoreBase):
+class IndexStore(StoreRemovals, StoreBase):
     """The one writer of an index folder (+ database); use as a context manager. A second
     writer is refused (the folder's lock); readers are `IndexReader`."""
 
@@ -347,75 +347,6 @@ class IndexStore(StoreBase):
             raise
         self._faiss_rows, self._faiss_seq = self._rows, seq
         self._dirty = True
-
-    def _remove_video(self, s: Session, video: Video, status: VideoStatus) -> tuple[list[int], int]:
-        old_ids = take_out_segments(s, video.id)
-        video.status = status.value
-        info = s.get(IndexInfo, 1, with_for_update=True)
-        if old_ids:
-            info.removal_seq += 1
-        return old_ids, info.removal_seq
-
-    def mark_failed(
-        self,
-        path: str,
-        error: str,
-        stat: os.stat_result | tuple[int, float] | None = None,
-        fingerprint: str | None = None,
-    ) -> int:
-        """Record that `path` could not be indexed; returns its video id.
-
-        Give `stat`/`fingerprint` when known so an unchanged failing file is not retried.
-        A failed video has no searchable segments: segments of an earlier version of the
-        file (which no longer matches it) are removed.
-        """
-        self._ready_for_writes()
-        try:
-            with self.db.sessions.begin() as s:
-                text, raw = to_stored(path)
-                video = s.scalars(select(Video).where(Video.path == text)).one_or_none()
-                if video is None:
-                    video = Video(path=text, path_bytes=raw, status=VideoStatus.FAILED.value)
-                    s.add(video)
-                    s.flush()
-                old_ids, seq = self._remove_video(s, video, VideoStatus.FAILED)
-                video.error = error
-                if stat is not None:
-                    video.size, video.mtime = size_mtime(stat)
-                video.fingerprint = fingerprint
-                video_id = video.id
-        except BaseException:
-            self._recover_after_failure()
-            raise
-        self._forget_in_faiss(old_ids, seq)
-        return video_id
-
-    def _forget_in_faiss(self, old_ids: list[int], seq: int) -> None:
-        """After a committed removal: take the ids out of the in-memory FAISS index (and
-        delete their thumbnails)."""
-        pause_point("sql_committed")
-        self.thumbnails.delete(old_ids)
-        if self.vectors is not None:
-            self._apply(old_ids, None, np.zeros(0, np.int64), seq)
-
-    def mark_removed(self, video: int | str) -> int:
-        """Flag a video (id or path) removed and take its segments out of search; returns
-        how many segments were removed. Their store rows stay (append-only)."""
-        self._ready_for_writes()
-        try:
-            with self.db.sessions.begin() as s:
-                where = Video.id == video if isinstance(video, int) else Video.path == to_stored(video)[0]
-                row = s.scalars(select(Video).where(where)).one_or_none()
-                if row is None:
-                    raise IndexStoreError(f"index {self.directory} has no video {video!r}")
-                old_ids, seq = self._remove_video(s, row, VideoStatus.REMOVED)
-        except IndexStoreError:
-            raise
-        except BaseException:
-            self._recover_after_failure()
-            raise
-        self._forget_in_faiss(old_ids, seq)
-        return len(old_ids)
 
     def rebuild_vectors(self) -> int:
         """Writer: build the FAISS index again from the stored embeddings alone (it is derived

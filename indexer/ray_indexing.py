@@ -163,16 +163,9 @@ def connect(address: str, workers: int, gpus_per_worker: float) -> bool:
     return True
 
 
-def _remote_results(
-    todo: list[tuple[Path, os.stat_result, str]],
-    runner: ModelRunner,
-    options: IndexOptions,
-    on_dtype: Callable[[str], None],
-) -> Iterator[tuple[int, Any]]:
-    """(key, RemoteVideo | VideoDecodeError) for every planned file, in plan order."""
-    from pvl_search.media.video import VideoDecodeError
-
-    ray = _import_ray()
+def _start_actors(ray: Any, runner: ModelRunner, options: IndexOptions) -> list[Any]:
+    """One Encoder actor per worker, each with the model loaded; a worker that cannot load it
+    fails here, once, not file by file."""
     ro = options.ray
     run_id = uuid.uuid4().hex[:8]
     settings = {"window_s": options.window_s, "stride_s": options.stride_s, "batch_size": options.batch_size,
@@ -186,12 +179,54 @@ def _remote_results(
         .remote(ro.model_dir, runner.fingerprint, device, ro.dtype, settings)
         for i in range(ro.workers)
     ]
-    try:  # a worker that cannot load the model fails here, once, not file by file
+    try:
         ray.get([actor.pid.remote() for actor in actors])
     except ray.exceptions.RayActorError as error:
         for actor in actors:
             ray.kill(actor, no_restart=True)
         raise IndexStoreError(f"Ray workers could not start: {str(error).strip().splitlines()[-1]}") from None
+    return actors
+
+
+def _batch_results(ray: Any, ref: Any, batch: list[int], attempt: int) -> list[tuple[int, str, Any]] | None:
+    """A finished call's results; None when its worker died and the batch should be tried
+    again file by file; a file that killed its worker again is a failure."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayActorError:
+        if len(batch) > 1 or attempt == 0:
+            return None
+        return [(batch[0], "failed", "the worker process died on this file each time it was tried")]
+    except ray.exceptions.RayTaskError as error:
+        cause = error.cause if isinstance(getattr(error, "cause", None), Exception) else error
+        if isinstance(cause, IndexStoreError):
+            raise cause from None
+        raise IndexStoreError(f"a Ray worker failed: {str(cause).splitlines()[0]}") from None
+
+
+def _result(kind: str, payload: Any, path: str, on_dtype: Callable[[str], None]) -> Any:
+    """One file's result as the pipeline takes it: its RemoteVideo, or a VideoDecodeError."""
+    from pvl_search.media.video import VideoDecodeError
+
+    if kind == "unreadable":
+        raise IndexStoreError(f"a Ray worker cannot open {path} ({payload}): every worker must see the "
+                              "files at the same paths as this machine (a shared filesystem)")
+    if kind == "failed":
+        return VideoDecodeError(path, payload)
+    on_dtype(payload.dtype)
+    return payload
+
+
+def _remote_results(
+    todo: list[tuple[Path, os.stat_result, str]],
+    runner: ModelRunner,
+    options: IndexOptions,
+    on_dtype: Callable[[str], None],
+) -> Iterator[tuple[int, Any]]:
+    """(key, RemoteVideo | VideoDecodeError) for every planned file, in plan order."""
+    ray = _import_ray()
+    ro = options.ray
+    actors = _start_actors(ray, runner, options)
     paths = [str(path) for path, _, _ in todo]
     keys = list(range(len(todo)))
     queue = deque(  # (keys, attempt): attempt 1 once a batch was split after its worker kept dying
@@ -212,30 +247,12 @@ def _remote_results(
             ref = done[0]
             actor, batch, attempt = in_flight.pop(ref)
             free.append(actor)
-            try:
-                results = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                if len(batch) > 1 or attempt == 0:
-                    # Split (or retry once more alone): find the one file that kills workers.
-                    queue.extendleft(([k], 1) for k in reversed(batch))
-                    continue
-                reason = "the worker process died on this file each time it was tried"
-                results = [(batch[0], "failed", reason)]
-            except ray.exceptions.RayTaskError as error:
-                cause = error.cause if isinstance(getattr(error, "cause", None), Exception) else error
-                if isinstance(cause, IndexStoreError):
-                    raise cause from None
-                raise IndexStoreError(f"a Ray worker failed: {str(cause).splitlines()[0]}") from None
+            results = _batch_results(ray, ref, batch, attempt)
+            if results is None:  # split (or retried once more alone): find the file that kills workers
+                queue.extendleft(([k], 1) for k in reversed(batch))
+                continue
             for key, kind, payload in results:
-                if kind == "unreadable":
-                    raise IndexStoreError(
-                        f"a Ray worker cannot open {paths[key]} ({payload}): every worker must see the "
-                        "files at the same paths as this machine (a shared filesystem)")
-                if kind == "failed":
-                    ready[key] = VideoDecodeError(paths[key], payload)
-                else:
-                    on_dtype(payload.dtype)
-                    ready[key] = payload
+                ready[key] = _result(kind, payload, paths[key], on_dtype)
             while next_key in ready:
                 yield next_key, ready.pop(next_key)
                 next_key += 1

@@ -7,7 +7,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from indexer.paths import to_stored
-from indexer.schema import IndexInfo, Segment, Video
+from indexer.schema import IndexInfo, Segment, Video, VideoStatus
 
 
 def bump_rows(s: Session, rows: int, *, removed: bool) -> int:
@@ -38,3 +38,14 @@ def take_out_segments(s: Session, video_id: int) -> list[int]:
     if ids:
         s.execute(update(Segment).where(*live).values(removed=True))
     return ids
+
+
+def remove_video(s: Session, video: Video, status: VideoStatus) -> tuple[list[int], int]:
+    """Take a video's segments out (status failed or removed); returns their ids and the
+    removal_seq this transaction leaves."""
+    old_ids = take_out_segments(s, video.id)
+    video.status = status.value
+    info = s.get(IndexInfo, 1, with_for_update=True)
+    if old_ids:
+        info.removal_seq += 1
+    return old_ids, info.removal_seq
