@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,18 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def wait_until_stopped(proc: subprocess.Popen, log: Path, stage: str, timeout_s: float = 120) -> None:
+    """Wait for a child that stops itself (SIGSTOP) at a PVL_TEST_PAUSE_AT `stage`; fail the
+    test if it never gets there or ends first (its stderr, in `log`, says why)."""
+    deadline, status = time.monotonic() + timeout_s, 0
+    while time.monotonic() < deadline:
+        pid, status = os.waitpid(proc.pid, os.WNOHANG | os.WUNTRACED)
+        if pid:
+            break
+        time.sleep(0.02)
+    else:
+        proc.kill()
+        pytest.fail(f"child never reached {stage}")
+    assert os.WIFSTOPPED(status), f"child ended before {stage}:\n{log.read_text()}"

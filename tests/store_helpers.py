@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
+from index_helpers import wait_until_stopped
 from sqlalchemy import create_engine, select
 
 from indexer.index_store import IndexStore
@@ -106,17 +105,7 @@ def start_paused(folder: Path, db_url: str, op: str, stage: str, log: Path) -> s
     with open(log, "wb") as err:
         cmd = [sys.executable, "-c", CHILD, str(folder), db_url, op]
         proc = subprocess.Popen(cmd, env=env, stderr=err)
-    deadline = time.monotonic() + 120
-    status = 0
-    while time.monotonic() < deadline:
-        pid, status = os.waitpid(proc.pid, os.WNOHANG | os.WUNTRACED)
-        if pid:
-            break
-        time.sleep(0.02)
-    else:
-        proc.kill()
-        pytest.fail(f"child never reached {stage}")
-    assert os.WIFSTOPPED(status), f"child ended before {stage}:\n{log.read_text()}"
+    wait_until_stopped(proc, log, stage)
     return proc
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray  # the cluster extra: scripts/test.sh installs it
-from index_helpers import pattern
+from index_helpers import pattern, wait_until_stopped
 from typer.testing import CliRunner
 
 from cli import app
@@ -302,16 +302,7 @@ def test_kill_between_sql_commit_and_milvus_insert(tmp_path: Path, corpus: Path,
     log = tmp_path / "child.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
-    deadline, status = time.monotonic() + 180, 0
-    while time.monotonic() < deadline:
-        pid, status = os.waitpid(proc.pid, os.WNOHANG | os.WUNTRACED)
-        if pid:
-            break
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("the indexer never reached the SQL commit")
-    assert os.WIFSTOPPED(status), f"the indexer ended before the SQL commit:\n{log.read_text()}"
+    wait_until_stopped(proc, log, "sql_committed", timeout_s=180)
     os.kill(proc.pid, signal.SIGKILL)  # SQL has the first video; Milvus does not
     proc.wait()
 
