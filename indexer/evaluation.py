@@ -181,11 +181,12 @@ def evaluate_index(
         scorer.score(query, tally)
         if progress:
             progress(EvalProgress(done, len(queries)))
+    subset_sizes = _subset_sizes(queries)
     return EvalReport(
         captions=str(Path(captions_path).absolute()), split=split, fusion=fusion, n_queries=len(queries),
         n_videos=len(corpus.starts), n_segments=len(corpus.segment_ids), n_split_videos=n_split,
         n_missing=n_missing, chance_r1=100.0 / len(corpus.starts), methods=tally.results(queries),
-        subset_key=subset_key if _subset_sizes(queries) else None, subset_sizes=_subset_sizes(queries),
+        subset_key=subset_key if subset_sizes else None, subset_sizes=subset_sizes,
         seconds=time.perf_counter() - began,
     )
 

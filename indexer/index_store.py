@@ -189,7 +189,7 @@ class IndexStore(StoreRemovals, StoreBase):
                 )
             if (current.faiss_factory, current.vectors) != (layout.faiss_factory, layout.vectors):
                 self._write_info(faiss_factory=layout.faiss_factory, vector_store=layout.vectors)
-                if hasattr(self.vectors, "close"):
+                if self.vectors is not None:
                     self.vectors.close()  # a Milvus collection is let go of
                 self.vectors = None  # rebuilt below in the store the index records now
                 self._faiss_valid = False

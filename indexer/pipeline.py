@@ -23,7 +23,7 @@ from indexer.errors import IndexStoreError
 from indexer.index_store import IndexStore
 from indexer.paths import shown
 from indexer.planning import Plan, plan
-from indexer.ray_indexing import RayOptions
+from indexer.ray_indexing import RayOptions, RemoteVideo
 from indexer.store_records import IndexLayout, SegmentInfo, VideoMeta
 from indexer.vector_backend import resolve_vectors, switch_vectors
 from pvl_search.media.decode_pool import DecodedVideo, DecodePool
@@ -310,9 +310,10 @@ def _write(video: _Pending, store: IndexStore, options: IndexOptions) -> None:
     )
 
 
-def _thumbnails(decoded: DecodedVideo) -> list[bytes | None]:
-    made = getattr(decoded, "thumbnails", None)  # made by a Ray worker beside the frames
-    return made if made is not None else [clip_thumbnail(clip.frames, clip.mask) for clip in decoded.clips]
+def _thumbnails(decoded: DecodedVideo | RemoteVideo) -> list[bytes | None]:
+    if isinstance(decoded, DecodedVideo):
+        return [clip_thumbnail(clip.frames, clip.mask) for clip in decoded.clips]
+    return decoded.thumbnails  # a Ray worker made them beside the frames (RemoteVideo)
 
 
 def rebuild_vectors(index_dir: str | Path, db_url: str | None = None, vectors: str | None = None) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def _config_diff(stored: str, given: str) -> str:
 
 
 
-class StoreBase(StoreQueries):
+class StoreBase(StoreQueries, ABC):
     """An open index folder (+ database); use as a context manager. Subclasses open it:
     `IndexStore` (the one writer) or `IndexReader` (any number, read-only)."""
 
@@ -91,9 +92,9 @@ class StoreBase(StoreQueries):
             self._release()
             raise
 
+    @abstractmethod
     def _open(self) -> None:
         """Open the database, the stores and FAISS as the subclass needs them."""
-        raise NotImplementedError
 
     # -- layout, stores, FAISS ----------------------------------------------------------
 
@@ -278,9 +279,8 @@ class StoreBase(StoreQueries):
 
     def rerank_states(self, ids: Any) -> np.ndarray:
         """Rerank states of segments `ids`, float32 (K, D + H), read from the mapped store."""
-        fetched = getattr(self.vectors, "fetched_states", None)  # Milvus returns them with the hits
-        if fetched is not None and (states := fetched(self._committed_ids(ids))) is not None:
-            return states
+        if self.vectors is not None and (states := self.vectors.fetched_states(self._committed_ids(ids))) is not None:
+            return states  # Milvus returned them with the hits
         return self._require(self.rerank_store).get(self._committed_ids(ids))
 
     def latents(self, ids: Any) -> np.ndarray:
@@ -338,8 +338,8 @@ class StoreBase(StoreQueries):
     def _close_data(self) -> None:
         for store in self._stores():
             store.close()
-        if hasattr(self.vectors, "close"):  # a Milvus client lets go of its connection
-            self.vectors.close()
+        if self.vectors is not None:
+            self.vectors.close()  # a Milvus client lets go of its connection
         self.embedding_store = self.rerank_store = self.latent_store = None
         self.vectors = None
         self._data_layout = None

@@ -50,11 +50,10 @@ def parse_vectors(spec: str | None) -> str | None:
     index_type = (index_type or "FLAT").upper()
     if index_type not in MILVUS_INDEX_TYPES:
         raise ValueError(f"--vectors {spec!r}: Milvus index type must be one of {', '.join(MILVUS_INDEX_TYPES)}")
-    if uri.startswith(("http://", "https://", "tcp://", "grpc://")):
-        pass
-    elif uri.endswith(".db"):
+    remote = uri.startswith(("http://", "https://", "tcp://", "grpc://"))
+    if not remote and uri.endswith(".db"):
         uri = str(Path(uri).expanduser().absolute())
-    else:
+    elif not remote:
         raise ValueError(f"--vectors {spec!r}: the URI must be a Milvus Lite file ending in .db or http://HOST:PORT")
     require_cluster_extra("--vectors milvus:", "pymilvus")
     return f"{MILVUS}{uri}" + ("" if index_type == "FLAT" else f"#{index_type}")
@@ -85,7 +84,7 @@ def _milvus(store: StoreBase, layout: IndexLayout) -> Any:
 
 def new_vectors(store: StoreBase, layout: IndexLayout) -> Any:
     """An empty vector store for `layout` (FAISS in memory, or the Milvus collection)."""
-    if hasattr(store.vectors, "close"):
+    if store.vectors is not None:
         store.vectors.close()  # replaced by a rebuild: its Milvus connection is let go
     if not layout.vectors:
         return VectorIndex(layout.embedding_dim, factory=layout.faiss_factory,

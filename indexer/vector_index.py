@@ -353,6 +353,14 @@ class VectorIndex:
 
     # -- files --------------------------------------------------------------------------
 
+    def fetched_states(self, ids: np.ndarray) -> np.ndarray | None:
+        """Rerank states that came back with the last hits: FAISS keeps none (the row store
+        serves them); a Milvus collection returns them with its hits."""
+        return None
+
+    def close(self) -> None:
+        """Nothing to let go of in process (a Milvus collection closes its connection)."""
+
     def save(self, path: str | Path) -> None:
         """Write the index and `self.meta` to `path` atomically (tmp file, fsync, rename)."""
         path = Path(path)
