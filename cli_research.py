@@ -142,6 +142,9 @@ def train(
         help="Weight of the auxiliary attribute loss: shared linear heads predict each event's colour, shape, size "
              "and motion, event order and binding from both embeddings (needs a synthetic benchmark's scene "
              "metadata).", min=0)] = 0.0,
+    order_attributes: Annotated[float, typer.Option(
+        help="Extra weight on the attribute heads' labels that need event order (each event's attributes in time "
+             "order, which event is first), on both embeddings (needs scene metadata).", min=0)] = 0.0,
     mined_negatives: Annotated[int, typer.Option(
         help="Extra negatives per caption for the listwise mixed loss, mined from a bank of all training videos by "
              "multi-stream similarity.", min=0)] = 0,
@@ -194,7 +197,8 @@ def train(
                           val_every=val_every, probe_videos=probe_videos, retrieval_from=retrieval_from - 1,
                           losses=LossWeights(mixed_vtm=mixed_vtm, mixed_nce=mixed_nce, single_vtm=single_vtm,
                                              mlm=mlm, attributes=attributes, latent_nce=latent_nce,
-                                             token_attributes=token_attributes))
+                                             token_attributes=token_attributes,
+                                             order_attributes=order_attributes))
         overrides = {"text_mixer_layers": text_mixer_layers, "temporal_kernel": temporal_kernel,
                      "conv_stem": conv_stem, "latent_reranker": latent_reranker or None}
         model_config = preset(config).replace(**{k: v for k, v in overrides.items() if v is not None})

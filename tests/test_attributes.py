@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pvl_search.data.scene_labels import LABEL_NAMES, LABELS, TEXT_LABELS, scene_labels
+from pvl_search.data.scene_labels import LABEL_NAMES, LABELS, ORDER_LABELS, TEXT_LABELS, scene_labels
 from pvl_search.data.synth import binding_swapped, group_variants, order_swapped, sample_scene
 from pvl_search.experiments.probes import fit_probe, probe_features, run_probes
 from pvl_search.model.config import preset
@@ -55,6 +55,16 @@ def test_attribute_heads_ignore_size_for_text() -> None:
     assert heads.loss(embedding, labels, text=True) == heads.loss(embedding, other, text=True)
     assert heads.loss(embedding, labels) != heads.loss(embedding, other)
     assert "first_size" not in TEXT_LABELS and "first_shape" in TEXT_LABELS
+    # The order loss reads the time-slot labels and `order` only: changing anything else
+    # (here every colour-keyed label) leaves it unchanged.
+    assert set(ORDER_LABELS) == {f"{slot}_{a}" for slot in ("first", "second")
+                                 for a in ("colour", "shape", "size", "motion")} | {"order"}
+    keyed = labels.clone()
+    for i, name in enumerate(LABEL_NAMES):
+        if name not in ORDER_LABELS:
+            keyed[:, i] = 0
+    assert heads.loss(embedding, labels, only=ORDER_LABELS) == heads.loss(embedding, keyed, only=ORDER_LABELS)
+    assert heads.loss(embedding, labels) != heads.loss(embedding, keyed)
 
 
 def labelled_pairs(n: int = 16) -> PairSet:
@@ -80,6 +90,11 @@ def test_attribute_loss_trains_both_towers() -> None:
     assert model.video_embed.position.grad.abs().sum() > 0 and model.text_embed.position.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="scene labels"):
         compute_losses(model, frames, masks, ids, LossWeights(attributes=1))
+    model.zero_grad()
+    out = compute_losses(model, frames, masks, ids, LossWeights(contrastive=0, mixed_vtm=0, order_attributes=1),
+                         attribute_labels=pairs.labels_of(range(8)), heads=heads)
+    out.total.backward()
+    assert "order_attributes" in out.parts and model.text_embed.position.grad.abs().sum() > 0
 
 
 def test_probe_recovers_a_linear_label_and_not_noise() -> None:

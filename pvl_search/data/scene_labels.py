@@ -61,6 +61,10 @@ LABELS: tuple[LabelSpec, ...] = (
 LABEL_NAMES: tuple[str, ...] = tuple(spec.name for spec in LABELS)
 # Captions state size only now and then, so a text-side objective must not demand it.
 TEXT_LABELS: tuple[str, ...] = tuple(spec.name for spec in LABELS if not spec.name.endswith("_size"))
+# The labels that need the order of the events: each time slot's attributes, and `order`.
+# Everything else can be read from a colour-keyed bag of objects; these cannot.
+ORDER_LABELS: tuple[str, ...] = tuple(spec.name for spec in LABELS
+                                      if spec.name.startswith(SLOTS) or spec.name == "order")
 
 
 def scene_labels(scene: Scene) -> np.ndarray:

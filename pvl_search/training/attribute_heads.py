@@ -10,6 +10,7 @@ directions, which is what lets a video and its caption meet.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +34,14 @@ class AttributeHeads(nn.Module):
         """(B, d) -> one (B, classes) logit tensor per label, in LABELS order."""
         return list(self.linear(embedding * self.scale).split(self.sizes, dim=-1))
 
-    def loss(self, embedding: Tensor, labels: Tensor, *, text: bool = False) -> Tensor:
-        """Mean cross-entropy over the labels (for text, over those a caption always states)."""
+    def loss(self, embedding: Tensor, labels: Tensor, *, text: bool = False,
+             only: Collection[str] | None = None) -> Tensor:
+        """Mean cross-entropy over the labels (for text, over those a caption always states;
+        with `only`, over those named there)."""
         parts = [
             F.cross_entropy(logits.float(), labels[:, i])
             for i, (spec, logits) in enumerate(zip(LABELS, self(embedding)))
-            if not text or spec.name in TEXT_LABELS
+            if (not text or spec.name in TEXT_LABELS) and (only is None or spec.name in only)
         ]
         return torch.stack(parts).mean()
 

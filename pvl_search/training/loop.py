@@ -172,7 +172,8 @@ def evaluate(
 def attributes_only(weights: LossWeights) -> LossWeights:
     """The curriculum's first phase: the same attribute weights, every other loss off."""
     return LossWeights(contrastive=0.0, mixed_vtm=0.0, mixed_nce=0.0, single_vtm=0.0, mlm=0.0, latent_nce=0.0,
-                       attributes=weights.attributes, token_attributes=weights.token_attributes)
+                       attributes=weights.attributes, token_attributes=weights.token_attributes,
+                       order_attributes=weights.order_attributes)
 
 
 def selection_metric(cfg: TrainConfig) -> str:

@@ -22,7 +22,8 @@ def check_options(
     """Refuse option combinations that cannot train, before anything is set up."""
     if len(train_data) < cfg.batch_size:
         raise ValueError(f"{len(train_data)} training videos is fewer than one batch of {cfg.batch_size}")
-    if cfg.retrieval_from and not (cfg.losses.attributes or cfg.losses.token_attributes):
+    if cfg.retrieval_from and not (cfg.losses.attributes or cfg.losses.token_attributes
+                                   or cfg.losses.order_attributes):
         raise ValueError("a curriculum (retrieval from a later epoch) needs attribute losses to train before it")
     if cfg.losses.latent_nce and model.latent_reranker is None:
         raise ValueError("the latent reranker's loss needs a model with one (--latent-reranker)")
@@ -30,7 +31,7 @@ def check_options(
         raise ValueError("mined negatives feed the listwise mixed-stream loss: give it a weight (--mixed-nce)")
     if stream is not None and (cfg.mined_negatives or cfg.rerank_only_groups):
         raise ValueError("mined negatives and --rerank-only-groups need a fixed training set, not a stream")
-    if cfg.losses.attributes and stream is None and train_data.labels is None:
+    if (cfg.losses.attributes or cfg.losses.order_attributes) and stream is None and train_data.labels is None:
         raise ValueError("the attribute loss needs scene labels (a synthetic benchmark's captions file)")
 
 
@@ -46,7 +47,7 @@ def training_parameters(
             p.requires_grad_(id(p) in keep)
     dense = bool(cfg.losses.token_attributes)
     heads = (AttributeHeads(model.config.embed_dim, model.config.hidden if dense else None).to(device)
-             if cfg.losses.attributes or dense else None)
+             if cfg.losses.attributes or cfg.losses.order_attributes or dense else None)
     if heads is not None:
         params = params + list(heads.parameters())
     return params, heads
