@@ -28,7 +28,7 @@ from cli_common import (
     fail,
 )
 from indexer.request import RerankMode
-from pvl_search.ranking import Fusion
+from pvl_search.ranking import FUSION_HELP, Fusion
 
 
 @app.command()
@@ -161,7 +161,7 @@ def search(
              "rerank states), latent (query latents attend over stored video latents), single (decode again; "
              "slow), none.")] = "auto",
     fusion: Annotated[Fusion, typer.Option(
-        help="sum: retrieval similarity + rerank logit; rerank: the logit alone.")] = "sum",
+        help=FUSION_HELP)] = "calibrated",
     cross_layers: Annotated[int | None, typer.Option(
         help="Keep only the first C cross-attentions for the query.")] = None,
     glob: Annotated[str | None, typer.Option(help="Only videos whose full path matches this pattern, e.g. "

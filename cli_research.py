@@ -24,7 +24,7 @@ from cli_common import (
     err_console,
     fail,
 )
-from pvl_search.ranking import Fusion
+from pvl_search.ranking import FUSION_HELP, Fusion
 
 
 @app.command()
@@ -299,7 +299,7 @@ def evaluate(
         help="Also evaluate single-stream reranking (decodes candidates; slow).")] = True,
     exhaustive_limit: Annotated[int, typer.Option(
         help="Exhaustive single-stream over the corpus when it has at most this many videos (0: never).")] = 200,
-    fusion: Annotated[Fusion, typer.Option(help="sum (retrieval + rerank logit) or rerank (logit alone).")] = "sum",
+    fusion: Annotated[Fusion, typer.Option(help=FUSION_HELP)] = "calibrated",
     plot: Annotated[Path | None, typer.Option(help="Write a PNG: R@1 and latency against K.")] = None,
     db: DbUrl = None,
     model: ModelDir = None,

@@ -57,7 +57,6 @@ from indexer.media import MediaFile, MediaNotFound, has_thumbnail, media_type, t
 from indexer.paths import relative_shown
 from indexer.precision import DtypeChoice
 from indexer.request import (
-    FUSIONS,
     MAX_K,
     MAX_QUERY_CHARS,
     MAX_RERANK_K,
@@ -68,6 +67,7 @@ from indexer.request import (
 )
 from indexer.search_state import QUERY_CACHE
 from indexer.searcher import Searcher, SearchResult
+from pvl_search.ranking import FUSION_HELP
 from pvl_web import PAGE, PAGE_CSP, STATIC_DIR
 from pvl_web.auth import TokenGate, check_token, is_loopback
 
@@ -195,8 +195,8 @@ def _add_search_route(app: FastAPI, searcher: Searcher, batcher: QueryBatcher, g
             f"single (decodes again; rerank_k <= {MAX_SINGLE_RERANK_K}), none."
         )] = "auto",
         fusion: Annotated[str, Query(
-            description=f"{', '.join(FUSIONS)}: retrieval similarity + rerank logit, or the logit alone."
-        )] = "sum",
+            description=FUSION_HELP
+        )] = "calibrated",
         glob: Annotated[str | None, Query(
             description="Only videos whose full path matches, e.g. */news/*: * and ? wildcards, case-sensitive."
         )] = None,

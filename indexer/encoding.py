@@ -57,6 +57,7 @@ class ModelRunner:
         self.model = model.to(self.device, self.dtype).eval()
         self.config = model.config
         self.fingerprint = fingerprint
+        self.retrieval_scale = model.retrieval_scale  # fuses rerank logits with similarities
         self.cross_layers = cross_layers
         self.tokenizer = Tokenizer(self.config.text_length)
         # (batch size, torch threads) -> whether a batched text-encoder call is exact there

@@ -10,7 +10,7 @@ segment. Methods, all over every indexed video:
   embedding, max per video), no FAISS approximation.
 - ``mixed`` at K: retrieval, then the top-K *segments* by similarity (what ``--rerank-k``
   means to `Searcher.search`) are rescored by the fused score (similarity + mixed-stream VTM
-  logit from the stored rerank states, or the logit alone with ``fusion="rerank"``). A video
+  logit from the stored rerank states, fused as `pvl_search.ranking.fuse` says). A video
   with a reranked segment ranks by its best reranked segment, ahead of every video that was
   only retrieved; those keep their retrieval order. So a ground truth outside the reranked
   set keeps its ``multi`` rank. With one segment per video, top-K segments = top-K videos.
@@ -61,7 +61,7 @@ from indexer.single_stream import SINGLE_BATCH, ClipCache, single_pass
 from indexer.store_base import StoreBase
 from pvl_search.data.captions import SPLITS, load_captions
 from pvl_search.metrics import retrieval_metrics
-from pvl_search.ranking import Fusion, candidate_order, fuse, segment_keys, twin_hits, video_keys
+from pvl_search.ranking import FUSIONS, Fusion, candidate_order, fuse, segment_keys, twin_hits, video_keys
 
 # ---------------------------------------------------------------------------- evaluation
 
@@ -147,7 +147,7 @@ def evaluate_index(
     rerank_ks: Sequence[int] = DEFAULT_RERANK_KS,
     single: bool = True,
     exhaustive_limit: int = 200,
-    fusion: Fusion = "sum",
+    fusion: Fusion = "calibrated",
     subset_key: str | None = "factors",
     clip_cache_bytes: int = 1 << 30,
     progress: Callable[[EvalProgress], None] | None = None,
@@ -163,8 +163,8 @@ def evaluate_index(
     ks = _check_ks(rerank_ks)
     if split not in SPLITS:
         raise EvalError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if fusion not in ("sum", "rerank"):
-        raise EvalError(f"fusion must be 'sum' or 'rerank', got {fusion!r}")
+    if fusion not in FUSIONS:
+        raise EvalError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
     searcher.store.refresh()
     corpus = _corpus(searcher)
     records = load_captions(captions_path, default_split=split)
@@ -273,7 +273,8 @@ class _QueryScorer:
                 started = time.perf_counter()
                 logits = self._logits(method, encoded, cand)
                 ms = (time.perf_counter() - started) * 1000
-                tally.record((method, k), base_ms + ms, sims, cand, fuse(sims[cand], logits, fusion), query.target)
+                fused = fuse(sims[cand], logits, fusion, self.runner.retrieval_scale)
+                tally.record((method, k), base_ms + ms, sims, cand, fused, query.target)
         if not self.plan.depth:
             return
         depth = self.plan.depth
@@ -282,7 +283,8 @@ class _QueryScorer:
         for key in self.plan.single_methods():
             n = depth if key[0] == EXHAUSTIVE else min(key[1], depth)
             cand = order[:n]
-            tally.record(key, base_ms + cost_ms[n], sims, cand, fuse(sims[cand], logits[:n], fusion), query.target)
+            fused = fuse(sims[cand], logits[:n], fusion, self.runner.retrieval_scale)
+            tally.record(key, base_ms + cost_ms[n], sims, cand, fused, query.target)
 
 
 def _subset_sizes(queries: list[_Query]) -> dict[str, int]:

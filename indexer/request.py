@@ -14,12 +14,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
 
-from pvl_search.ranking import Fusion
+from pvl_search.ranking import FUSIONS, Fusion
 
 # auto: the reranker the model's validation chose (its search_defaults.json), else mixed.
 RerankMode = Literal["auto", "mixed", "latent", "single", "none"]
 RERANK_MODES: tuple[str, ...] = ("auto", "mixed", "latent", "single", "none")
-FUSIONS: tuple[str, ...] = ("sum", "rerank")
 
 MAX_QUERY_CHARS = 1000  # a query, and a path pattern
 MAX_K = 100  # videos per answer
@@ -52,7 +51,7 @@ class SearchRequest:
     k: int = 10
     rerank_k: int = 50
     rerank: RerankMode = "auto"
-    fusion: Fusion = "sum"
+    fusion: Fusion = "calibrated"
     filters: SearchFilters = field(default_factory=SearchFilters)
 
 
@@ -62,7 +61,7 @@ def search_request(
     k: int = 10,
     rerank_k: int = 50,
     rerank: str = "auto",
-    fusion: str = "sum",
+    fusion: str = "calibrated",
     glob: str | None = None,
     min_duration: float | None = None,
     max_duration: float | None = None,

@@ -186,7 +186,7 @@ class Searcher:
         k: int = 10,
         rerank_k: int = 50,
         rerank: RerankMode = "auto",
-        fusion: Fusion = "sum",
+        fusion: Fusion = "calibrated",
         filters: SearchFilters | None = None,
     ) -> SearchResult:
         return self.search_many([query], k=k, rerank_k=rerank_k, rerank=rerank, fusion=fusion, filters=filters)[0]
@@ -198,7 +198,7 @@ class Searcher:
         k: int = 10,
         rerank_k: int = 50,
         rerank: RerankMode = "auto",
-        fusion: Fusion = "sum",
+        fusion: Fusion = "calibrated",
         filters: SearchFilters | None = None,
     ) -> list[SearchResult]:
         """Answer a batch of queries with the same settings (see `run_many`)."""
@@ -369,7 +369,8 @@ class Searcher:
         sims = np.asarray(sims)[rows]
         n_reranked = int((rows < len(rerank_scores)).sum())  # reranked rows come first
         logits = np.asarray(rerank_scores)[rows[:n_reranked]]
-        keys = segment_keys(sims, np.arange(n_reranked), fuse(sims[:n_reranked], logits, fusion))
+        fused = fuse(sims[:n_reranked], logits, fusion, self.runner.retrieval_scale)
+        keys = segment_keys(sims, np.arange(n_reranked), fused)
         videos, best = best_segment_ranking(keys, np.asarray([info[int(ids[r])].video_id for r in rows]))
         hits = []
         for rank, (vid, row) in enumerate(zip(videos[:k].tolist(), best[:k].tolist())):

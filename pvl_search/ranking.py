@@ -19,14 +19,28 @@ from typing import Literal
 
 import numpy as np
 
-Fusion = Literal["sum", "rerank"]
+Fusion = Literal["calibrated", "sum", "rerank"]
+FUSIONS: tuple[str, ...] = ("calibrated", "sum", "rerank")
+FUSION_HELP = ("calibrated (default): rerank logit + retrieval similarity times the model's contrastive "
+               "temperature, a product of experts; sum: logit + raw similarity; rerank: the logit alone.")
 
 
-def fuse(sims: np.ndarray, logits: np.ndarray, fusion: Fusion) -> np.ndarray:
-    """The score of a reranked segment: the reranker's logit alone, or added to the retrieval
-    similarity (the default: the reranker corrects retrieval rather than replacing it)."""
+def fuse(sims: np.ndarray, logits: np.ndarray, fusion: Fusion, retrieval_scale: float = 1.0) -> np.ndarray:
+    """The score of a reranked segment, from its retrieval similarity and its reranker logit.
+
+    - "calibrated" (the default): logit + retrieval_scale * similarity. The retrieval scale is
+      the model's contrastive temperature (`PerceiverVL.retrieval_scale`), so both terms are
+      logits of a trained softmax and add as a product of experts: the reranker corrects
+      retrieval where it is sure, and retrieval keeps the say where the reranker is not.
+    - "sum": logit + similarity. The similarity's range (-1..1) is small beside a logit, so
+      the reranker nearly decides alone.
+    - "rerank": the logit alone.
+    """
     logits = np.asarray(logits, np.float64)
-    return logits if fusion == "rerank" else np.asarray(sims, np.float64) + logits
+    if fusion == "rerank":
+        return logits
+    weight = retrieval_scale if fusion == "calibrated" else 1.0
+    return weight * np.asarray(sims, np.float64) + logits
 
 
 @dataclass

@@ -137,7 +137,9 @@ def direct_ranks(corpus: dict) -> dict[tuple[str, int | None], list[int]]:
                 logits = runner.mixed_scores(enc.rerank_states[:1], states[top][None])[0]
                 fused = {}
                 for j, logit in zip(top, logits):
-                    fused[seg_video[j]] = max(fused.get(seg_video[j], -np.inf), sims[j] + logit)
+                    # the default fusion (calibrated): the similarity in logit units + the logit
+                    score = runner.retrieval_scale * sims[j] + logit
+                    fused[seg_video[j]] = max(fused.get(seg_video[j], -np.inf), score)
                 if target in fused:
                     rank = sum(score >= fused[target] for score in fused.values())
                 else:

@@ -111,7 +111,25 @@ def test_search_order_takes_each_videos_best_segment_and_breaks_ties_by_appearan
 
 def test_fusion_modes() -> None:
     assert fuse(np.array([0.5]), np.array([2.0]), "sum").tolist() == [2.5]
+    assert fuse(np.array([0.5]), np.array([2.0]), "sum", 30.0).tolist() == [2.5]  # sum ignores the scale
     assert fuse(np.array([0.5]), np.array([2.0]), "rerank").tolist() == [2.0]
+    assert fuse(np.array([0.5, -0.1]), np.array([2.0, 1.0]), "calibrated", 30.0).tolist() == [17.0, -2.0]
+
+
+def test_calibrated_fusion_is_a_product_of_the_two_softmaxes() -> None:
+    """Retrieval's softmax over candidates uses scale * similarity; adding the reranker's logit
+    multiplies the two distributions (renormalised): a candidate both like wins."""
+    sims, logits = np.array([0.30, 0.28, 0.10]), np.array([-1.0, 1.0, 3.0])
+    scale = 50.0
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max())
+        return e / e.sum()
+
+    product = softmax(scale * sims) * softmax(logits)
+    assert np.allclose(softmax(fuse(sims, logits, "calibrated", scale)), product / product.sum())
+    assert fuse(sims, logits, "sum").argmax() == 2  # raw sum: the reranker alone decides
+    assert fuse(sims, logits, "calibrated", scale).argmax() == 1  # both experts' compromise
 
 
 def test_matrix_ranks_equal_the_segment_rule_with_one_segment_per_video() -> None:

@@ -172,14 +172,19 @@ def test_search_returns_the_indexed_files_best_first(served: Served, rerank: str
         assert hit["score"] == hit["best"]["score"]
         if rerank == "none":
             assert hit["best"]["rerank_score"] is None and hit["score"] == hit["best"]["retrieval_score"]
-        else:  # fusion=sum over a fully reranked list
-            assert hit["score"] == pytest.approx(hit["best"]["retrieval_score"] + hit["best"]["rerank_score"])
+        else:  # the default fusion (calibrated) over a fully reranked list
+            scale = served.runner.retrieval_scale
+            assert scale > 1  # the model's contrastive temperature, not a unit weight
+            assert hit["score"] == pytest.approx(scale * hit["best"]["retrieval_score"] + hit["best"]["rerank_score"])
 
 
 def test_k_and_fusion(served: Served) -> None:
     body = served.search("blue", k=2, fusion="rerank").json()
     assert len(body["hits"]) == 2
     assert all(h["score"] == h["best"]["rerank_score"] for h in body["hits"])
+    body = served.search("blue", k=2, fusion="sum", rerank="mixed").json()
+    assert all(h["score"] == pytest.approx(h["best"]["retrieval_score"] + h["best"]["rerank_score"])
+               for h in body["hits"])
 
 
 def test_filters(served: Served) -> None:

@@ -298,6 +298,11 @@ class PerceiverVL(nn.Module):
         """Temperature-scaled similarity matrix (B_text, B_video) for the contrastive loss."""
         return self.logit_scale.exp().clamp(max=100) * text_embedding @ video_embedding.T
 
+    @property
+    def retrieval_scale(self) -> float:
+        """The contrastive temperature scale: a similarity times this is a trained logit."""
+        return float(self.logit_scale.detach().exp().clamp(max=100))
+
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

@@ -20,7 +20,7 @@ from pvl_search.data.scene_stream import SceneStream
 from pvl_search.metrics import RetrievalMetrics, group_metrics, ranks_from_scores, retrieval_metrics
 from pvl_search.model.checkpoint import save_model
 from pvl_search.model.perceiver import PerceiverVL
-from pvl_search.ranking import ranks_after_rerank
+from pvl_search.ranking import fuse, ranks_after_rerank
 from pvl_search.training.attribute_heads import AttributeHeads
 from pvl_search.training.losses import LossOutput, LossWeights, compute_losses
 from pvl_search.training.negative_bank import NegativeBank
@@ -162,10 +162,12 @@ def evaluate(
     if groups is not None:
         groups.update({name: group_metrics(s, owners, data.groups) for name, s in scores.items()})
     result = {name: retrieval_metrics(ranks_from_scores(s, owners)) for name, s in scores.items()}
-    result["reranked"] = retrieval_metrics(ranks_after_rerank(multi, multi + scores["mixed"], owners, rerank_k))
+    scale = model.retrieval_scale  # the search default's fusion (pvl_search.ranking.fuse)
+    result["reranked"] = retrieval_metrics(
+        ranks_after_rerank(multi, fuse(multi, scores["mixed"], "calibrated", scale), owners, rerank_k))
     if "latent" in scores:
         result["latent_reranked"] = retrieval_metrics(
-            ranks_after_rerank(multi, multi + scores["latent"], owners, rerank_k))
+            ranks_after_rerank(multi, fuse(multi, scores["latent"], "calibrated", scale), owners, rerank_k))
     return result
 
 
