@@ -4,7 +4,9 @@ For every caption of a split: is its own video the top-scoring one among the vid
 group (the scene with events swapped, colours swapped, both; chance 25% for groups of four),
 and is its group the top-scoring group (group R@1)? Against each kind of twin alone (order
 swapped, colours swapped), how often does its own video score higher (chance 50)? Scores:
-multi-stream similarity, mixed-stream logit, and their sum.
+multi-stream similarity, mixed-stream logit, latent-reranker logit (when the model has one),
+and "fused": what the search default scores (pvl_search.ranking.fuse, calibrated, of
+retrieval and the latent reranker, or the mixed one without it).
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ from pvl_search.metrics import group_metrics
 from pvl_search.model.checkpoint import load_model
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
+from pvl_search.ranking import fuse
 from pvl_search.training.loop import score_matrices
 from pvl_search.training.pairs import PairSet, build_frame_cache
 
 
 def twin_scores(model: PerceiverVL, data: PairSet) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """(Q, V) score matrices per method (multi, mixed, latent when the model has one, and
-    sum = multi + mixed) and the column of each query's own video."""
+    fused: the search default's score of every pair) and the column of each query's own video."""
     by_method, owners = score_matrices(model, data)
-    by_method["sum"] = by_method["multi"] + by_method["mixed"]
+    reranker = by_method.get("latent", by_method["mixed"])
+    by_method["fused"] = fuse(by_method["multi"], reranker, "calibrated", model.retrieval_scale)
     return by_method, np.asarray(owners)
 
 
