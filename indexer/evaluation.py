@@ -56,7 +56,7 @@ from indexer.eval_report import (
     EvalReport,
     MethodResult,
 )
-from indexer.searcher import Searcher
+from indexer.searcher import Searcher, latent_rerank_available
 from indexer.single_stream import SINGLE_BATCH, ClipCache, single_pass
 from indexer.store_base import StoreBase
 from pvl_search.data.captions import SPLITS, load_captions
@@ -80,9 +80,11 @@ class _Corpus:
     starts: np.ndarray  # (V,) first position of each video's segments
     embeddings: np.ndarray  # (S, d) float32
     info: dict  # segment id -> SegmentInfo
-    video_of_path: dict[str, int]
+    video_of_path: dict[str, int]  # as stored, and resolved
 
-
+    def video_of(self, path: str) -> int | None:
+        """The video index of a captions file's path, as written or resolved (None: not indexed)."""
+        return self.video_of_path.get(path, self.video_of_path.get(os.path.realpath(path)))
 
 
 def _labels(meta: dict, key: str | None) -> list[str]:
@@ -122,8 +124,7 @@ def _queries(records: Iterable, corpus: _Corpus, split: str, subset_key: str | N
         if record.split != split:
             continue
         n_split += 1
-        path = str(record.path)
-        target = corpus.video_of_path.get(path, corpus.video_of_path.get(os.path.realpath(path)))
+        target = corpus.video_of(str(record.path))
         if target is None:
             n_missing += 1
             continue
@@ -182,10 +183,11 @@ def evaluate_index(
         if progress:
             progress(EvalProgress(done, len(queries)))
     subset_sizes = _subset_sizes(queries)
+    methods = tally.results(queries, subset_sizes)
     return EvalReport(
         captions=str(Path(captions_path).absolute()), split=split, fusion=fusion, n_queries=len(queries),
         n_videos=len(corpus.starts), n_segments=len(corpus.segment_ids), n_split_videos=n_split,
-        n_missing=n_missing, chance_r1=100.0 / len(corpus.starts), methods=tally.results(queries),
+        n_missing=n_missing, chance_r1=100.0 / len(corpus.starts), methods=methods,
         subset_key=subset_key if subset_sizes else None, subset_sizes=subset_sizes,
         seconds=time.perf_counter() - began,
     )
@@ -232,8 +234,7 @@ class _Tally:
         if self.group_of[target] >= 0:
             self.twins.setdefault(key, []).append(twin_hits(keys, target, self.group_of == self.group_of[target]))
 
-    def results(self, queries: list[_Query]) -> list[MethodResult]:
-        labels = _subset_sizes(queries)
+    def results(self, queries: list[_Query], labels: Iterable[str]) -> list[MethodResult]:
         methods = []
         for key, method_ranks in self.ranks.items():
             r = np.asarray(method_ranks)
@@ -250,7 +251,7 @@ class _QueryScorer:
 
     def __init__(self, runner: ModelRunner, store: StoreBase, corpus: _Corpus, plan: _Plan, cache: ClipCache) -> None:
         self.runner, self.store, self.corpus, self.plan, self.cache = runner, store, corpus, plan, cache
-        self.latent = runner.model.latent_reranker is not None and store.layout.latent_shape is not None
+        self.latent = latent_rerank_available(runner, store)
         _warm_up(runner, store, corpus, single_stream=plan.depth > 0)
 
     def _logits(self, method: str, encoded: object, cand: np.ndarray) -> np.ndarray:
@@ -302,8 +303,7 @@ def _video_groups(records: Iterable, corpus: _Corpus) -> np.ndarray:
     group_of = np.full(len(corpus.starts), -1, dtype=np.int64)
     for record in records:
         label = record.meta.get("group") if isinstance(record.meta, dict) else None
-        path = str(record.path)
-        video = corpus.video_of_path.get(path, corpus.video_of_path.get(os.path.realpath(path)))
+        video = corpus.video_of(str(record.path))
         if label is not None and video is not None:
             group_of[video] = labels.setdefault(str(label), len(labels))
     if not labels:
@@ -332,15 +332,9 @@ def _warm_up(runner: ModelRunner, store: StoreBase, corpus: _Corpus, *, single_s
     lazy initialisation (kernels, allocator, thread pools)."""
     encoded = runner.encode_queries(["warm up"])
     runner.mixed_scores(encoded.rerank_states[:1], store.rerank_states(corpus.segment_ids[:1])[None])
-    if encoded.latents is not None and store.layout.latent_shape is not None:
+    if latent_rerank_available(runner, store):
         runner.latent_scores(encoded.latents[0], store.latents(corpus.segment_ids[:1]))
     if single_stream:
         config = runner.config
         frames = np.zeros((1, config.frames, config.frame_size, config.frame_size, 3), dtype=np.uint8)
         runner.single_scores(frames, np.ones((1, config.frames), dtype=bool), "warm up")
-
-
-
-
-
-

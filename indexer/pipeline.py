@@ -75,18 +75,6 @@ class IndexSummary:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 @dataclass
 class _Pending:
     """A decoded video whose clips are being encoded."""
@@ -99,17 +87,13 @@ class _Pending:
     encoded: int = 0
 
 
-
-
-
-
 def _prepare_store(store: IndexStore, runner: ModelRunner, options: IndexOptions) -> IndexOptions:
     """Record the model and layout on a new index, or check them on an existing one; returns
     the options with `store_latents` resolved (the workers need it)."""
     config = runner.config
     keep_latents = options.store_latents
     if keep_latents is None:
-        keep_latents = config.latent_reranker if store.layout is None else store.layout.latent_shape is not None
+        keep_latents = config.latent_reranker if store.layout is None else store.layout.keeps_latents
         options = dataclasses.replace(options, store_latents=keep_latents)
     layout = IndexLayout(
         config.embed_dim,
@@ -122,10 +106,10 @@ def _prepare_store(store: IndexStore, runner: ModelRunner, options: IndexOptions
         store.set_model(config.to_json(), runner.fingerprint, layout)
     else:
         store.check_model(config.to_json(), runner.fingerprint)
-        if (store.layout.latent_shape is not None) != keep_latents:
-            keeps = "keeps" if store.layout.latent_shape is not None else "does not keep"
+        if store.layout.keeps_latents != keep_latents:
+            keeps = "keeps" if store.layout.keeps_latents else "does not keep"
             raise IndexStoreError(f"index {store.directory} {keeps} latents; "
-                                  f"{'drop' if store.layout.latent_shape is None else 'add'} --store-latents")
+                                  f"{'add' if store.layout.keeps_latents else 'drop'} --store-latents")
     return options
 
 

@@ -16,7 +16,6 @@ import numpy as np
 from indexer.encoding import ModelRunner
 from indexer.errors import IndexReplacedError, NotFoundError
 from indexer.index_reader import IndexReader
-from indexer.index_store import IndexStore
 from indexer.paths import shown
 from indexer.precision import DtypeChoice
 from indexer.request import (
@@ -28,6 +27,7 @@ from indexer.request import (
 )
 from indexer.search_state import QUERY_CACHE, EncodedQuery, QueryCache, SharedLock
 from indexer.single_stream import read_segment_clip, single_stream_scores
+from indexer.store_base import StoreBase
 from indexer.store_records import SegmentInfo
 from pvl_search.ranking import Fusion, best_segment_ranking, fuse, segment_keys
 
@@ -69,12 +69,9 @@ class SearchResult:
         return asdict(self)
 
 
-
-
-
-
-
-
+def latent_rerank_available(runner: ModelRunner, store: StoreBase) -> bool:
+    """Whether the latent reranker can run: the model has one and the index keeps latents."""
+    return runner.model.latent_reranker is not None and store.layout.keeps_latents
 
 
 class Searcher:
@@ -107,7 +104,7 @@ class Searcher:
         self._stale = False  # the database was replaced under the open store (a refresh saw it)
         self.store = self._open()
 
-    def _open(self) -> IndexStore:
+    def _open(self) -> IndexReader:
         store = IndexReader(self.index_dir, self.db_url)
         try:
             store.check_model(self.runner.config.to_json(), self.runner.fingerprint)
@@ -129,7 +126,7 @@ class Searcher:
             old.close()
 
     @contextmanager
-    def _current(self) -> Iterator[IndexStore]:
+    def _current(self) -> Iterator[IndexReader]:
         """The index as it is on disk now, held for one operation: reopened first if it was
         replaced, then caught up with what writers committed since the last request."""
         for attempt in range(2):
@@ -323,7 +320,7 @@ class Searcher:
         """The reranker a request gets: "auto" is the one the model's validation chose (its
         folder's search_defaults.json) when this index can run it, else "mixed"; "latent"
         needs a model with a latent reranker and an index that keeps latents."""
-        latent_ok = self.runner.model.latent_reranker is not None and self.store.layout.latent_shape is not None
+        latent_ok = latent_rerank_available(self.runner, self.store)
         if requested == "auto":
             chosen = self.runner.search_defaults.get("rerank", "mixed")
             return chosen if chosen != "latent" or latent_ok else "mixed"

@@ -50,7 +50,6 @@ def _config_diff(stored: str, given: str) -> str:
     return shown + (" ..." if len(keys) > 5 else "")
 
 
-
 class StoreBase(StoreQueries, ABC):
     """An open index folder (+ database); use as a context manager. Subclasses open it:
     `IndexStore` (the one writer) or `IndexReader` (any number, read-only)."""
@@ -361,4 +360,3 @@ class StoreBase(StoreQueries, ABC):
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
-

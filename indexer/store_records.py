@@ -53,6 +53,10 @@ class IndexLayout:
     faiss_factory: str | None = None  # None: exact, then IVF past the size threshold
     vectors: str | None = None  # None: FAISS file; "milvus:URI" (indexer/vector_backend.py)
 
+    @property
+    def keeps_latents(self) -> bool:
+        return self.latent_shape is not None
+
 
 @dataclass(frozen=True)
 class VideoMeta:

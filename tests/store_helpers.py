@@ -43,7 +43,6 @@ def video_rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return emb, rng.normal(size=(n, D_RERANK)).astype(np.float32)
 
 
-
 def add(store: IndexStore, path: str, n: int, seed: int, fingerprint: str = "f" * 64) -> int:
     emb, rerank = video_rows(n, seed)
     spans = [(2.0 * i, 2.0 * i + 2.0) for i in range(n)]

@@ -65,8 +65,6 @@ def assert_untouched(root: Path, before: dict[str, str]) -> None:
             assert (root / name).stat().st_size == 0
 
 
-
-
 def live_ids(store: IndexStore) -> list[int]:
     return sorted(store.vectors.ids().tolist())
 

@@ -40,18 +40,10 @@ from pvl_search.model.perceiver import PerceiverVL
 F16_TOL = {"rtol": 2e-3, "atol": 2e-3}  # stored as float16: ~3 significant digits
 
 
-
-
-
-
-
-
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(1)  # same config, other weights: another model all the same
     return save_model(PerceiverVL(CONFIG), tmp_path_factory.mktemp("other-model"))
-
-
 
 
 def options(**changes: object) -> IndexOptions:
@@ -67,10 +59,6 @@ def index(folder: Path, db_url: str, paths: list[Path], runner: ModelRunner, **c
 
 
 # -- reading an index back ------------------------------------------------------------
-
-
-
-
 
 
 def fresh_encode(runner: ModelRunner, paths: list[Path], opts: IndexOptions) -> dict[str, tuple[list, object]]:
@@ -303,8 +291,6 @@ def test_cli_index_and_status(db_url: str, tmp_path: Path, model_dir: Path) -> N
 # -- crash safety: the installed command, SIGKILLed mid-run -----------------------------
 
 CRASH_VIDEOS = 24
-
-
 
 
 def committed_videos(folder: Path, db_url: str, reader: list) -> int:

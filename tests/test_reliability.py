@@ -49,20 +49,6 @@ from indexer.store_records import FAISS_FILE
 REPO = Path(__file__).resolve().parent.parent
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # -- indexing: bad entries, aliases, the rebuild lock --------------------------------------
 
 

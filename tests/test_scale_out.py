@@ -43,8 +43,6 @@ F16_TOL = {"rtol": 2e-3, "atol": 2e-3}
 QUERIES = ["a red circle moves left", "blue square", "something green and small", "two shapes"]
 
 
-
-
 def make_corpus(folder: Path, n: int, *, long_every: int = 4) -> list[Path]:
     """n small videos in two sub-folders; every `long_every`-th one is 12 s (3 segments)."""
     paths = []
@@ -64,10 +62,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-
-
 
 
 @pytest.fixture(scope="module")

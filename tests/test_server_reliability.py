@@ -29,20 +29,6 @@ from indexer.searcher import Searcher
 REPO = Path(__file__).resolve().parent.parent
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # -- filters mean the same on every backend ----------------------------------------------
 
 

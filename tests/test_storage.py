@@ -217,11 +217,6 @@ def test_faiss_file_is_derived(db_url: str, tmp_path: Path) -> None:
 # -- crash recovery: a child process SIGKILLed inside each crash window -----------------
 
 
-
-
-
-
-
 def run_until_killed(folder: Path, db_url: str, op: str, stage: str, log: Path) -> None:
     kill(start_paused(folder, db_url, op, stage, log))
 
@@ -273,5 +268,3 @@ def test_fingerprint_file(tmp_path: Path) -> None:
         f.seek((3 << 20) - 10)
         f.write(b"x")
     assert fingerprint_file(path) != first
-
-

@@ -34,10 +34,6 @@ def flat(rgb: tuple[int, int, int]):  # noqa: ANN201 - a media.FrameFn
     return lambda i, w, h: np.broadcast_to(np.array(rgb, np.uint8), (h, w, 3)).copy()
 
 
-
-
-
-
 def index(folder: Path, media: Path, runner: ModelRunner, db_url: str | None = None, **overrides: object):  # noqa: ANN201
     with IndexStore(folder, db_url) as store:
         return build_index([media], store, runner, IndexOptions(**{**OPTIONS, **overrides}))
