@@ -173,7 +173,9 @@ def train(
              "clip:ViT-B-16:/models/vit_b16.safetensors) or model:DIR (an own model folder of the same architecture, "
              "trained further on a fresh schedule).")] = None,
     train_only: Annotated[str, typer.Option(help="all, or cross (stage one after --init: CLIP parts frozen).")] = "all",
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the run in OUT from its newest checkpoint (OUT/last) as if it had never stopped; "
+             "pass the options it was started with (a changed one is refused).")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,
     limit: Annotated[int | None, typer.Option(help="Use at most this many videos per split.")] = None,
     device: Device = None,
@@ -228,6 +230,8 @@ def train(
     if as_json:
         print(json.dumps(summary.to_dict()))
         return
+    if summary.resumed_at:
+        console.print(f"resumed {out} at step {summary.resumed_at}")
     console.print(f"trained {summary.steps} steps in {summary.seconds / 60:.1f} min on {summary.train_videos} videos; "
                   f"best val R@1 {summary.best_val_r1:.1f} (epoch {summary.best_epoch + 1}); model: {out / 'best'}")
     for key, reason in summary.failed_videos.items():

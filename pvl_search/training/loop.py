@@ -77,6 +77,7 @@ class ValidationResult:
 @dataclass
 class TrainResult:
     steps: int
+    resumed_at: int  # the step a resumed run continued from (0: it started fresh)
     seconds: float
     best_epoch: int
     best_r1: float
@@ -246,7 +247,8 @@ def train(
             stream.stop()
     if val_data is None:
         save_model(model, out / "best")
-    return TrainResult(run.step, time.perf_counter() - run.began, run.best_epoch, run.best_r1, run.history)
+    return TrainResult(run.step, run.first_step, time.perf_counter() - run.began, run.best_epoch, run.best_r1,
+                       run.history)
 
 
 @dataclass

@@ -4,6 +4,7 @@ initialised or resumed), the training loop, and a summary the CLI prints."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
 from pvl_search.training.loop import ProgressFn, TrainConfig, TrainResult, train
 from pvl_search.training.pairs import PairSet, build_frame_cache
+from pvl_search.training.train_state import TRAIN_STATE_FILE
 
 
 @dataclass
@@ -29,6 +31,7 @@ class RunSummary:
     val_videos: int
     failed_videos: dict[str, str]
     steps: int
+    resumed_at: int  # the step a --resume continued from (0: the run started fresh)
     seconds: float
     best_epoch: int
     best_val_r1: float
@@ -144,13 +147,13 @@ def train_from_captions(
         datasets["train"] = SceneStream(stream.folder or out / "stream", spec, config.text_length,
                                         passes=stream.passes, patch=config.patch)
     model, trainable = _initial_model(config, cfg, init, train_only)
-    _write_run_record(out, captions_path, config, cfg, init, train_only, stream)
+    record_run(out, run_decisions(captions_path, config, cfg, init, train_only, stream, limit), resume=resume)
     result: TrainResult = train(
         model, datasets["train"], datasets["val"], cfg, out, resume=resume, trainable=trainable, progress=progress
     )
     return RunSummary(
-        str(out), len(datasets["train"]), len(datasets["val"]), failed, result.steps, result.seconds,
-        result.best_epoch, result.best_r1, init, cfg.to_dict(),
+        str(out), len(datasets["train"]), len(datasets["val"]), failed, result.steps, result.resumed_at,
+        result.seconds, result.best_epoch, result.best_r1, init, cfg.to_dict(),
     )
 
 
@@ -178,15 +181,58 @@ def _initial_model(
     return model, trainable
 
 
-def _write_run_record(
-    out: Path, captions_path: str | Path, config: ModelConfig, cfg: TrainConfig, init: str | None,
-    train_only: str, stream: StreamOptions | None,
-) -> None:
-    """out/run.json: what this run was started with, and on what."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps({
+RUN_RECORD = "run.json"
+
+
+def run_decisions(
+    captions_path: str | Path, config: ModelConfig, cfg: TrainConfig, init: str | None, train_only: str,
+    stream: StreamOptions | None, limit: int | None,
+) -> dict:
+    """Everything that decides what a run trains, as plain JSON values: a resume must match it."""
+    return json.loads(json.dumps({
         "captions": str(captions_path), "config": config.to_dict(), "train": cfg.to_dict(), "init": init,
-        "train_only": train_only, "stream": None if stream is None else asdict(stream), "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }, indent=2, default=str))
+        "train_only": train_only, "stream": None if stream is None else asdict(stream), "limit": limit,
+    }, default=str))
+
+
+def record_run(out: Path, decisions: dict, *, resume: bool) -> None:
+    """out/run.json: what the run was started with, and on what. A resume of a checkpointed
+    run keeps the record, refuses changed options (it would no longer be the same run) and
+    notes where and when it continued."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RUN_RECORD
+    where = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+             "machine": platform.processor() or platform.machine(), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if resume and path.exists() and (out / "last" / TRAIN_STATE_FILE).exists():
+        record = json.loads(path.read_text())
+        changed = _changed_options(record, decisions)
+        if changed:
+            raise ValueError(f"--resume: {out} was started with other options ({'; '.join(changed)}); pass the "
+                             f"same options to continue it, or start a new run (--init model:{out / 'last'} "
+                             "keeps its weights on a fresh schedule)")
+        record.setdefault("resumed", []).append(where)
+    else:
+        record = {**decisions, "torch": where["torch"], "threads": where["threads"], "machine": where["machine"],
+                  "started": where["at"]}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
+# A run may continue on another device; every other recorded option decides the result.
+_MAY_CHANGE_ON_RESUME = ("train.device",)
+
+
+def _changed_options(recorded: dict, now: dict, prefix: str = "") -> list[str]:
+    """One "name was X, now Y" line for each option of `now` that the record holds with
+    another value (an option the record predates is not compared)."""
+    changed = []
+    for key, value in now.items():
+        name = prefix + key
+        if key not in recorded or name in _MAY_CHANGE_ON_RESUME:
+            continue
+        if isinstance(value, dict) and isinstance(recorded[key], dict):
+            changed += _changed_options(recorded[key], value, name + ".")
+        elif recorded[key] != value:
+            changed.append(f"{name} was {recorded[key]}, now {value}")
+    return changed
