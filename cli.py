@@ -28,6 +28,7 @@ from cli_common import (
     fail,
 )
 from indexer.request import RerankMode
+from pvl_search.media.backends import Backend
 from pvl_search.ranking import FUSION_HELP, Fusion
 
 
@@ -42,7 +43,7 @@ def index(
     batch_size: Annotated[int, typer.Option(help="Clips per encoder call.")] = 8,
     workers: Annotated[int, typer.Option(help="Decoder processes.")] = 2,
     timeout: Annotated[float, typer.Option(help="Seconds a decoder may make no progress before it is killed.")] = 60.0,
-    decoder: Annotated[str, typer.Option(help="auto (decord, then PyAV), decord or pyav.")] = "auto",
+    decoder: Annotated[Backend, typer.Option(help="auto (decord, then PyAV), decord or pyav.")] = "auto",
     store_latents: Annotated[bool | None, typer.Option("--store-latents/--no-store-latents",
         help="Keep each segment's full N x D latents (the latent reranker reads them). Default: yes for a model with "
              "a latent reranker, else no; an existing index keeps its choice.")] = None,
@@ -91,8 +92,6 @@ def index(
             return
         if not paths:
             raise fail("give at least one video file or folder to index")
-        if decoder not in ("auto", "decord", "pyav"):
-            raise fail(f"--decoder must be auto, decord or pyav, not {decoder!r}")
         runner = _load_runner(model, device, dtype=dtype)
         ray_options = None if ray is None else RayOptions(ray, ray_workers, ray_gpus_per_worker,
                                                           model_dir=str(model.resolve()) if model else None,

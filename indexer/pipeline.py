@@ -26,9 +26,10 @@ from indexer.planning import Plan, plan
 from indexer.ray_indexing import RayOptions, RemoteVideo
 from indexer.store_records import IndexLayout, SegmentInfo, VideoMeta
 from indexer.vector_backend import resolve_vectors, switch_vectors
+from pvl_search.media.backends import Backend
 from pvl_search.media.decode_pool import DecodedVideo, DecodePool
 from pvl_search.media.thumbnails import clip_thumbnail
-from pvl_search.media.video import Backend, VideoDecodeError, Windows
+from pvl_search.media.video import VideoDecodeError, Windows
 from pvl_search.model.config import ModelConfig
 
 

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pvl_search.media.video import Backend, Clip, Span, VideoDecodeError, Windows
+from pvl_search.media.backends import Backend
+from pvl_search.media.video import Clip, Span, VideoDecodeError, Windows
 
 if TYPE_CHECKING:  # decode_pool imports this module
     from pvl_search.media.decode_pool import DecodePool, Job, Result, Worker

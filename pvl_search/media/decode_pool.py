@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from pvl_search.media.backends import BACKENDS, Backend
 from pvl_search.media.decode_dispatch import DecodeRun, Task
 from pvl_search.media.decode_worker import worker_main
-from pvl_search.media.video import BACKENDS, Backend, Clip, Fit, Span, VideoDecodeError, VideoInfo, Windows
+from pvl_search.media.video import Clip, Fit, Span, VideoDecodeError, VideoInfo, Windows
 
 Job = tuple[Hashable, "str | os.PathLike[str]", "Sequence[Span] | Windows | None", int, int]
 # (key, path, spans, or Windows to let the worker cut the video, or None for all of it,

@@ -18,8 +18,8 @@ import av
 import decord
 import numpy as np
 
+from pvl_search.media.backends import Backend
 from pvl_search.media.video import (
-    Backend,
     Clip,
     Fit,
     Span,

@@ -30,6 +30,8 @@ import torch  # first, as always: decoders.py imports decord, and decord before 
 import av
 import numpy as np
 
+from pvl_search.media.backends import BACKENDS, Backend
+
 VIDEO_EXTENSIONS: tuple[str, ...] = (
     ".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".mpg", ".mpeg", ".ts", ".wmv", ".flv",
     ".3gp", ".ogv",
@@ -51,9 +53,7 @@ DEFAULT_WINDOW_S = 10.0
 DEFAULT_STRIDE_S = 5.0
 
 Span = tuple[float, float]  # [start, end) in seconds from the start of the video
-Backend = Literal["auto", "decord", "pyav"]
 Fit = Literal["crop", "pad"]
-BACKENDS: tuple[str, ...] = ("auto", "decord", "pyav")
 
 
 @dataclass(frozen=True)
