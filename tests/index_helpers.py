@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +173,28 @@ def wait_until_stopped(proc: subprocess.Popen, log: Path, stage: str, timeout_s:
         proc.kill()
         pytest.fail(f"child never reached {stage}")
     assert os.WIFSTOPPED(status), f"child ended before {stage}:\n{log.read_text()}"
+
+
+def run_and_sigkill(command: list[str], *, ready: Callable[[], bool], log: Path, waiting_for: str,
+                    seconds: float = 180, cwd: Path | None = None, env: dict | None = None) -> None:
+    """Start `command` (stderr to `log`) and SIGKILL it as soon as `ready()` holds: the crash,
+    wherever the run happens to be. Fails the test when the command ends first, or when
+    `waiting_for` has not happened in `seconds`."""
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + seconds
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"pvl-search {command[1]} ended (rc {proc.returncode}) before it could be killed:\n"
+                            f"{log.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {waiting_for} in {seconds:.0f} s:\n{log.read_text()}")
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from index_helpers import CONFIG, assert_invariant, disk_rows, pattern, pvl_search, video
+from index_helpers import CONFIG, assert_invariant, disk_rows, pattern, pvl_search, run_and_sigkill, video
 from sqlalchemy import create_engine, select
 from typer.testing import CliRunner
 
@@ -311,28 +310,13 @@ def test_sigkill_mid_run_loses_nothing_committed(db_url: str, tmp_path: Path, mo
         video(media / f"part{i // 8}" / f"v{i:02d}.mp4", seed=100 + i)
     command = [pvl_search(), "index", str(media), "--index", str(folder), "--db", db_url,
                "--model", str(model_dir), "--workers", "1", "--batch-size", "2", "--json"]
-    log = tmp_path / "killed.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
     reader: list[IndexStore] = []
     try:
-        deadline = time.monotonic() + 180
-        while committed_videos(folder, db_url, reader) < 3:
-            if proc.poll() is not None:
-                pytest.fail(f"pvl-search index ended (rc {proc.returncode}) before it could be "
-                            f"killed:\n{log.read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no video committed in 180 s:\n{log.read_text()}")
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)  # the crash, wherever the run happens to be
-        proc.wait()
+        run_and_sigkill(command, ready=lambda: committed_videos(folder, db_url, reader) >= 3,
+                        log=tmp_path / "killed.log", waiting_for="video committed", cwd=tmp_path)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         for store in reader:
             store.close()
-    assert proc.returncode == -signal.SIGKILL
 
     stats, committed = assert_invariant(folder, db_url)
     print(f"killed after {len(committed)} of {CRASH_VIDEOS} videos")

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from index_helpers import pvl_search
+from index_helpers import pvl_search, run_and_sigkill
 from safetensors.torch import load_file
 
 from pvl_search.data.synth import generate_corpus
@@ -52,25 +50,9 @@ def test_train_killed_mid_run_resumes_to_the_same_weights(tmp_path: Path) -> Non
     done = subprocess.run(train_command(captions, straight), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
 
-    log = tmp_path / "killed.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(train_command(captions, split), env=env, stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 300
-        while logged_steps(split) < 3:  # past the step-2 checkpoint, mid-way through the run
-            if proc.poll() is not None:
-                pytest.fail(f"pvl-search train ended (rc {proc.returncode}) before it could be killed:\n"
-                            f"{log.read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no training step logged in 300 s:\n{log.read_text()}")
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)  # the crash, wherever the run happens to be
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    # Killed past the step-2 checkpoint, mid-way through the run.
+    run_and_sigkill(train_command(captions, split), ready=lambda: logged_steps(split) >= 3,
+                    log=tmp_path / "killed.log", waiting_for="third training step", seconds=300, env=env)
     assert logged_steps(split) < STEPS, "the kill did not land mid-run"
 
     resumed = subprocess.run(train_command(captions, split, "--resume"), env=env, capture_output=True, text=True,
