@@ -26,7 +26,7 @@ from pvl_search.training.losses import LossOutput, LossWeights, compute_losses
 from pvl_search.training.negative_bank import NegativeBank
 from pvl_search.training.pairs import PairSet
 from pvl_search.training.train_setup import check_options, make_optimizer, training_parameters
-from pvl_search.training.train_state import TRAIN_STATE_FILE, restore_checkpoint, write_checkpoint
+from pvl_search.training.train_state import TRAIN_STATE_FILE, restore_checkpoint, rewind_log, write_checkpoint
 
 
 @dataclass
@@ -229,6 +229,7 @@ def train(
     meta = {"step": 0, "epoch": 0, "best_r1": -1.0, "best_epoch": -1}
     if resume and (out / "last" / TRAIN_STATE_FILE).exists():
         meta = restore_checkpoint(out / "last", model, optimizer, bank, heads)
+        rewind_log(out / "log.jsonl", meta)
     generator = torch.Generator().manual_seed(cfg.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     log = open(out / "log.jsonl", "a")

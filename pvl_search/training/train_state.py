@@ -84,3 +84,26 @@ def restore_checkpoint(
     if heads is not None:
         heads.load_state_dict(load_file(str(folder / HEADS_FILE)))
     return load_train_state(folder, optimizer)
+
+
+def rewind_log(path: Path, meta: dict) -> None:
+    """Cut a run's JSON-lines log back to the checkpoint a resume starts from: step records
+    after its step, and epoch records from its epoch on, are dropped (the resumed run writes
+    them again), as is a line half-written when the process died. The resumed log then reads
+    as an uninterrupted run's."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("kind") == "step" and record["step"] > meta["step"]:
+            continue
+        if record.get("kind") == "epoch" and record["epoch"] >= meta["epoch"]:
+            continue
+        kept.append(line + "\n")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
