@@ -76,6 +76,10 @@ def test_train_killed_mid_run_resumes_to_the_same_weights(tmp_path: Path) -> Non
     record = json.loads((split / "run.json").read_text())
     assert len(record["resumed"]) == 1 and record["started"]  # the first start is kept
 
+    again = subprocess.run(train_command(captions, split), env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "already holds a training run" in again.stderr
+    assert log_records(split) == log_records(straight)  # refused before it touched anything
+
     changed = subprocess.run(train_command(captions, split, "--resume", "--lr", "5e-4"), env=env,
                              capture_output=True, text=True, timeout=600)
     assert changed.returncode != 0

@@ -138,6 +138,7 @@ def train_from_captions(
     the captions file gives only the validation split.
     """
     out = Path(out_dir)
+    record_run(out, run_decisions(captions_path, config, cfg, init, train_only, stream, limit), resume=resume)
     datasets, failed = load_pair_sets(captions_path, config, Path(cache_dir) if cache_dir else out / "frame-cache",
                                       limit=limit, cache_progress=cache_progress,
                                       splits=("val",) if stream else ("train", "val"))
@@ -147,7 +148,6 @@ def train_from_captions(
         datasets["train"] = SceneStream(stream.folder or out / "stream", spec, config.text_length,
                                         passes=stream.passes, patch=config.patch)
     model, trainable = _initial_model(config, cfg, init, train_only)
-    record_run(out, run_decisions(captions_path, config, cfg, init, train_only, stream, limit), resume=resume)
     result: TrainResult = train(
         model, datasets["train"], datasets["val"], cfg, out, resume=resume, trainable=trainable, progress=progress
     )
@@ -198,12 +198,15 @@ def run_decisions(
 def record_run(out: Path, decisions: dict, *, resume: bool) -> None:
     """out/run.json: what the run was started with, and on what. A resume of a checkpointed
     run keeps the record, refuses changed options (it would no longer be the same run) and
-    notes where and when it continued."""
+    notes where and when it continued; a new run into a checkpointed folder is refused."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / RUN_RECORD
     where = {"torch": torch.__version__, "threads": torch.get_num_threads(),
              "machine": platform.processor() or platform.machine(), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if resume and path.exists() and (out / "last" / TRAIN_STATE_FILE).exists():
+    checkpointed = (out / "last" / TRAIN_STATE_FILE).exists()
+    if checkpointed and not resume:  # starting over would overwrite its checkpoints and mix its log
+        raise ValueError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
+    if resume and path.exists() and checkpointed:
         record = json.loads(path.read_text())
         changed = _changed_options(record, decisions)
         if changed:
