@@ -26,7 +26,7 @@ from pvl_search.training.losses import LossOutput, LossWeights, compute_losses
 from pvl_search.training.negative_bank import NegativeBank
 from pvl_search.training.pairs import PairSet
 from pvl_search.training.train_setup import check_options, make_optimizer, training_parameters
-from pvl_search.training.train_state import TRAIN_STATE_FILE, restore_checkpoint, rewind_log, write_checkpoint
+from pvl_search.training.train_state import has_checkpoint, restore_checkpoint, rewind_log, write_checkpoint
 
 
 @dataclass
@@ -227,12 +227,13 @@ def train(
     if cfg.mined_negatives:
         bank = NegativeBank(len(train_data), model.config.embed_dim, model.config.rerank_state_width)
     meta = {"step": 0, "epoch": 0, "best_r1": -1.0, "best_epoch": -1}
-    if resume and (out / "last" / TRAIN_STATE_FILE).exists():
+    log_path = out / "log.jsonl"
+    if resume and has_checkpoint(out):
         meta = restore_checkpoint(out / "last", model, optimizer, bank, heads)
-        rewind_log(out / "log.jsonl", meta)
+        rewind_log(log_path, meta)
     generator = torch.Generator().manual_seed(cfg.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    log = open(out / "log.jsonl", "a")
+    log = open(log_path, "a")
     run = _TrainRun(model, cfg, out, device, optimizer, params, heads, bank, autocast, log, progress,
                     steps_per_epoch * cfg.epochs, meta["step"], meta["best_r1"], meta["best_epoch"])
     if stream is not None:

@@ -21,7 +21,7 @@ from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
 from pvl_search.training.loop import ProgressFn, TrainConfig, TrainResult, train
 from pvl_search.training.pairs import PairSet, build_frame_cache
-from pvl_search.training.train_state import TRAIN_STATE_FILE
+from pvl_search.training.train_state import has_checkpoint
 
 
 @dataclass
@@ -203,7 +203,7 @@ def record_run(out: Path, decisions: dict, *, resume: bool) -> None:
     path = out / RUN_RECORD
     where = {"torch": torch.__version__, "threads": torch.get_num_threads(),
              "machine": platform.processor() or platform.machine(), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
-    checkpointed = (out / "last" / TRAIN_STATE_FILE).exists()
+    checkpointed = has_checkpoint(out)
     if checkpointed and not resume:  # starting over would overwrite its checkpoints and mix its log
         raise ValueError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
     if resume and path.exists() and checkpointed:

@@ -23,6 +23,11 @@ BANK_FILE = "negative_bank.safetensors"
 HEADS_FILE = "attribute_heads.safetensors"
 
 
+def has_checkpoint(out: Path) -> bool:
+    """Whether the run folder `out` holds a resumable checkpoint (`out/last` with its training state)."""
+    return (out / "last" / TRAIN_STATE_FILE).exists()
+
+
 def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, meta: dict) -> None:
     """Optimizer moments as safetensors and counters as metadata: resuming never unpickles."""
     tensors, scalars = {}, {}
