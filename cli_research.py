@@ -145,6 +145,9 @@ def train(
     order_attributes: Annotated[float, typer.Option(
         help="Extra weight on the attribute heads' labels that need event order (each event's attributes in time "
              "order, which event is first), on both embeddings (needs scene metadata).", min=0)] = 0.0,
+    shape_motion_attributes: Annotated[float, typer.Option(
+        help="Extra weight on the attribute heads' shape and motion labels (per event, per actor, per colour), on "
+             "both embeddings (needs scene metadata).", min=0)] = 0.0,
     mined_negatives: Annotated[int, typer.Option(
         help="Extra negatives per caption for the listwise mixed loss, mined from a bank of all training videos by "
              "multi-stream similarity.", min=0)] = 0,
@@ -200,7 +203,8 @@ def train(
                           losses=LossWeights(mixed_vtm=mixed_vtm, mixed_nce=mixed_nce, single_vtm=single_vtm,
                                              mlm=mlm, attributes=attributes, latent_nce=latent_nce,
                                              token_attributes=token_attributes,
-                                             order_attributes=order_attributes))
+                                             order_attributes=order_attributes,
+                                             shape_motion_attributes=shape_motion_attributes))
         overrides = {"text_mixer_layers": text_mixer_layers, "temporal_kernel": temporal_kernel,
                      "conv_stem": conv_stem, "latent_reranker": latent_reranker or None}
         model_config = preset(config).replace(**{k: v for k, v in overrides.items() if v is not None})

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from pvl_search.data.scene_labels import LABEL_NAMES, LABELS, ORDER_LABELS, TEXT_LABELS, scene_labels
+from pvl_search.data.scene_labels import (
+    LABEL_NAMES,
+    LABELS,
+    ORDER_LABELS,
+    SHAPE_MOTION_LABELS,
+    TEXT_LABELS,
+    scene_labels,
+)
 from pvl_search.data.synth import binding_swapped, group_variants, order_swapped, sample_scene
 from pvl_search.experiments.probes import fit_probe, probe_features, run_probes
 from pvl_search.model.config import preset
@@ -65,6 +72,15 @@ def test_attribute_heads_ignore_size_for_text() -> None:
             keyed[:, i] = 0
     assert heads.loss(embedding, labels, only=ORDER_LABELS) == heads.loss(embedding, keyed, only=ORDER_LABELS)
     assert heads.loss(embedding, labels) != heads.loss(embedding, keyed)
+    # The shape-and-motion loss reads exactly the shape and motion labels.
+    assert set(SHAPE_MOTION_LABELS) == {n for n in LABEL_NAMES if n.endswith(("_shape", "_motion"))}
+    looks = labels.clone()
+    for i, name in enumerate(LABEL_NAMES):
+        if name not in SHAPE_MOTION_LABELS:
+            looks[:, i] = 0
+    assert (heads.loss(embedding, labels, only=SHAPE_MOTION_LABELS)
+            == heads.loss(embedding, looks, only=SHAPE_MOTION_LABELS))
+    assert heads.loss(embedding, labels) != heads.loss(embedding, looks)
 
 
 def labelled_pairs(n: int = 16) -> PairSet:
@@ -95,6 +111,12 @@ def test_attribute_loss_trains_both_towers() -> None:
                          attribute_labels=pairs.labels_of(range(8)), heads=heads)
     out.total.backward()
     assert "order_attributes" in out.parts and model.text_embed.position.grad.abs().sum() > 0
+    model.zero_grad()
+    out = compute_losses(model, frames, masks, ids,
+                         LossWeights(contrastive=0, mixed_vtm=0, shape_motion_attributes=1),
+                         attribute_labels=pairs.labels_of(range(8)), heads=heads)
+    out.total.backward()
+    assert "shape_motion_attributes" in out.parts and model.video_embed.position.grad.abs().sum() > 0
 
 
 def test_probe_recovers_a_linear_label_and_not_noise() -> None:

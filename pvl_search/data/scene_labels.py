@@ -65,6 +65,10 @@ TEXT_LABELS: tuple[str, ...] = tuple(spec.name for spec in LABELS if not spec.na
 # Everything else can be read from a colour-keyed bag of objects; these cannot.
 ORDER_LABELS: tuple[str, ...] = tuple(spec.name for spec in LABELS
                                       if spec.name.startswith(SLOTS) or spec.name == "order")
+# The labels that say what each object looks like and does: shape and motion, per time slot,
+# per actor and per colour. Weighed on their own when the contrastive losses leave them weak.
+SHAPE_MOTION_LABELS: tuple[str, ...] = tuple(spec.name for spec in LABELS
+                                             if spec.attribute.endswith(("shape", "motion")))
 
 
 def scene_labels(scene: Scene) -> np.ndarray:

@@ -176,7 +176,8 @@ def attributes_only(weights: LossWeights) -> LossWeights:
     """The curriculum's first phase: the same attribute weights, every other loss off."""
     return LossWeights(contrastive=0.0, mixed_vtm=0.0, mixed_nce=0.0, single_vtm=0.0, mlm=0.0, latent_nce=0.0,
                        attributes=weights.attributes, token_attributes=weights.token_attributes,
-                       order_attributes=weights.order_attributes)
+                       order_attributes=weights.order_attributes,
+                       shape_motion_attributes=weights.shape_motion_attributes)
 
 
 def selection_metric(cfg: TrainConfig) -> str:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pvl_search.data.scene_labels import ORDER_LABELS
+from pvl_search.data.scene_labels import ORDER_LABELS, SHAPE_MOTION_LABELS
 from pvl_search.model.config import CLIP_VOCAB_SIZE
 from pvl_search.model.embeddings import PAD_ID
 from pvl_search.model.perceiver import Encoding, PerceiverVL
@@ -40,7 +40,16 @@ class LossWeights:
     # with it: a saddle the contrastive losses did not leave in hours. Asked directly, each
     # encoder learns order in a few hundred steps.
     order_attributes: float = 0.0
+    # The same again for the shape and motion labels (SHAPE_MOTION_LABELS): among all the
+    # attribute labels their push was too weak for the video tower to keep shape.
+    shape_motion_attributes: float = 0.0
 
+
+# Each focused attribute loss: the attribute heads again, on a subset of the labels.
+FOCUSED_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "order_attributes": ORDER_LABELS,
+    "shape_motion_attributes": SHAPE_MOTION_LABELS,
+}
 
 @dataclass
 class LossOutput:
@@ -164,9 +173,10 @@ def compute_losses(
     if weights.attributes:
         sides = _attribute_sides(video, text, attribute_labels, heads)
         parts["attributes"] = (sides["attributes_video"] + sides["attributes_text"]) / 2
-    if weights.order_attributes:
-        order_sides = _attribute_sides(video, text, attribute_labels, heads, only=ORDER_LABELS)
-        parts["order_attributes"] = (order_sides["attributes_video"] + order_sides["attributes_text"]) / 2
+    for name, labels in FOCUSED_ATTRIBUTES.items():
+        if getattr(weights, name):
+            focused = _attribute_sides(video, text, attribute_labels, heads, only=labels)
+            parts[name] = (focused["attributes_video"] + focused["attributes_text"]) / 2
     if weights.token_attributes:
         parts["token_attributes"] = _token_attribute_loss(video, frame_mask, token_labels, heads)
     for name, value in parts.items():

@@ -10,10 +10,16 @@ import torch
 from pvl_search.data.scene_stream import SceneStream
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.training.attribute_heads import AttributeHeads
+from pvl_search.training.losses import FOCUSED_ATTRIBUTES
 from pvl_search.training.pairs import PairSet
 
 if TYPE_CHECKING:  # loop imports this module
     from pvl_search.training.loop import TrainConfig
+
+
+def uses_attribute_heads(cfg: TrainConfig) -> bool:
+    """Whether a loss reads the attribute heads on the embeddings (all labels, or a focus)."""
+    return bool(cfg.losses.attributes or any(getattr(cfg.losses, name) for name in FOCUSED_ATTRIBUTES))
 
 
 def check_options(
@@ -22,8 +28,7 @@ def check_options(
     """Refuse option combinations that cannot train, before anything is set up."""
     if len(train_data) < cfg.batch_size:
         raise ValueError(f"{len(train_data)} training videos is fewer than one batch of {cfg.batch_size}")
-    if cfg.retrieval_from and not (cfg.losses.attributes or cfg.losses.token_attributes
-                                   or cfg.losses.order_attributes):
+    if cfg.retrieval_from and not (uses_attribute_heads(cfg) or cfg.losses.token_attributes):
         raise ValueError("a curriculum (retrieval from a later epoch) needs attribute losses to train before it")
     if cfg.losses.latent_nce and model.latent_reranker is None:
         raise ValueError("the latent reranker's loss needs a model with one (--latent-reranker)")
@@ -31,7 +36,7 @@ def check_options(
         raise ValueError("mined negatives feed the listwise mixed-stream loss: give it a weight (--mixed-nce)")
     if stream is not None and (cfg.mined_negatives or cfg.rerank_only_groups):
         raise ValueError("mined negatives and --rerank-only-groups need a fixed training set, not a stream")
-    if (cfg.losses.attributes or cfg.losses.order_attributes) and stream is None and train_data.labels is None:
+    if uses_attribute_heads(cfg) and stream is None and train_data.labels is None:
         raise ValueError("the attribute loss needs scene labels (a synthetic benchmark's captions file)")
 
 
@@ -47,7 +52,7 @@ def training_parameters(
             p.requires_grad_(id(p) in keep)
     dense = bool(cfg.losses.token_attributes)
     heads = (AttributeHeads(model.config.embed_dim, model.config.hidden if dense else None).to(device)
-             if cfg.losses.attributes or cfg.losses.order_attributes or dense else None)
+             if uses_attribute_heads(cfg) or dense else None)
     if heads is not None:
         params = params + list(heads.parameters())
     return params, heads
