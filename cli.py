@@ -27,8 +27,9 @@ from cli_common import (
     err_console,
     fail,
 )
-from indexer.request import RerankMode
+from indexer.search.request import DEFAULT_K, DEFAULT_RERANK_K, RerankMode
 from pvl_search.media.backends import Backend
+from pvl_search.media.windows import DEFAULT_STRIDE_S, DEFAULT_WINDOW_S
 from pvl_search.ranking import FUSION_HELP, Fusion
 
 
@@ -38,8 +39,9 @@ def index(
     index_dir: IndexDir = Path("pvl-index"),
     db: DbUrl = None,
     model: ModelDir = None,
-    window: Annotated[float, typer.Option(help="Segment length in seconds; shorter videos are one segment.")] = 10.0,
-    stride: Annotated[float, typer.Option(help="Seconds between segment starts (at most).")] = 5.0,
+    window: Annotated[float, typer.Option(
+        help="Segment length in seconds; shorter videos are one segment.")] = DEFAULT_WINDOW_S,
+    stride: Annotated[float, typer.Option(help="Seconds between segment starts (at most).")] = DEFAULT_STRIDE_S,
     batch_size: Annotated[int, typer.Option(help="Clips per encoder call.")] = 8,
     workers: Annotated[int, typer.Option(help="Decoder processes.")] = 2,
     timeout: Annotated[float, typer.Option(help="Seconds a decoder may make no progress before it is killed.")] = 60.0,
@@ -76,10 +78,10 @@ def index(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from indexer.index_store import IndexStore
-    from indexer.pipeline import IndexOptions, build_index, rebuild_vectors
-    from indexer.ray_indexing import RayOptions
-    from indexer.vector_backend import parse_vectors, require_cluster_extra
+    from indexer.ingest.pipeline import IndexOptions, build_index, rebuild_vectors
+    from indexer.ingest.ray_producer import RayOptions
+    from indexer.store.index_store import IndexStore
+    from indexer.store.vectors.choice import parse_vectors, require_cluster_extra
 
     try:
         if ray is not None:
@@ -134,7 +136,7 @@ def index(
 @app.command()
 def status(index_dir: IndexDir = Path("pvl-index"), db: DbUrl = None, as_json: AsJson = False) -> None:
     """Counts, bytes on disk per store, the model that built the index, recent failures."""
-    from indexer.index_reader import IndexReader
+    from indexer.store.index_reader import IndexReader
 
     try:
         with IndexReader(index_dir, db) as store:
@@ -153,14 +155,16 @@ def status(index_dir: IndexDir = Path("pvl-index"), db: DbUrl = None, as_json: A
 def search(
     query: Annotated[str, typer.Argument(help="What to look for, in words.")],
     index_dir: IndexDir = Path("pvl-index"),
-    k: Annotated[int, typer.Option("-k", help="Videos to return.")] = 10,
-    rerank_k: Annotated[int, typer.Option(help="Segments retrieved by FAISS and reranked.")] = 50,
+    k: Annotated[int, typer.Option("-k", help="Videos to return.")] = DEFAULT_K,
+    rerank_k: Annotated[int | None, typer.Option(
+        help=f"Segments retrieved by FAISS and reranked. Default: the model's choice (its search_defaults.json), "
+             f"else {DEFAULT_RERANK_K}.")] = None,
     rerank: Annotated[RerankMode, typer.Option(
         help="auto (the reranker the model's validation chose), mixed (the paper's [CLS] decoder from stored "
              "rerank states), latent (query latents attend over stored video latents), single (decode again; "
              "slow), none.")] = "auto",
-    fusion: Annotated[Fusion, typer.Option(
-        help=FUSION_HELP)] = "calibrated",
+    fusion: Annotated[Fusion | None, typer.Option(
+        help=FUSION_HELP + " Default: the model's choice, else calibrated.")] = None,
     cross_layers: Annotated[int | None, typer.Option(
         help="Keep only the first C cross-attentions for the query.")] = None,
     glob: Annotated[str | None, typer.Option(help="Only videos whose full path matches this pattern, e.g. "
@@ -176,12 +180,12 @@ def search(
     as_json: AsJson = False,
 ) -> None:
     """Find the videos (and the moment inside each) that match a text query."""
-    from indexer.request import search_request
+    from indexer.search.request import search_request
 
-    try:  # the same rules as the HTTP API (indexer/request.py), checked before the model loads
+    try:  # the same rules as the HTTP API (indexer/search/request.py), checked before the model loads
         request = search_request(query, k=k, rerank_k=rerank_k, rerank=rerank, fusion=fusion, glob=glob,
                                  min_duration=min_duration, max_duration=max_duration, since=since)
-        from indexer.searcher import Searcher
+        from indexer.search.searcher import Searcher
 
         runner = _load_runner(model, device, cross_layers, dtype)
         with Searcher(index_dir, db_url=db, runner=runner) as searcher:
@@ -249,7 +253,7 @@ def serve(
         help="Show video paths relative to this folder (a file outside it by its name alone), not as "
              "absolute host paths.")] = None,
     dtype: Dtype = "auto",
-    # Defaults = indexer.batching.BATCH_WINDOW_S / MAX_BATCH and indexer.search_state.QUERY_CACHE
+    # Defaults = indexer.search.batching.BATCH_WINDOW_S / MAX_BATCH and indexer.search.state.QUERY_CACHE
     # (not imported here: they pull in torch before --help could print).
     batch_window_ms: Annotated[float, typer.Option(
         min=0, help="Searches arriving within this many milliseconds of the first waiting one are encoded "

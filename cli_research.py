@@ -3,7 +3,9 @@ evaluate. Parse, call one library function, present (cli_views)."""
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +27,7 @@ from cli_common import (
     fail,
 )
 from pvl_search.ranking import FUSION_HELP, Fusion
+from pvl_search.training.loss_weights import LOSSES
 
 
 @app.command()
@@ -104,7 +107,27 @@ def synth(
     console.print(f"captions: {summary.captions_path}")
 
 
+def _with_loss_options(after: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command one `--NAME` weight option per declared loss that has a help
+    (loss_weights.LOSSES), placed after its parameter `after` in the signature typer reads;
+    the command receives them in its `**loss_weights`."""
+
+    def add_options(command: Callable[..., None]) -> Callable[..., None]:
+        signature = inspect.signature(command, eval_str=True)  # typer reads evaluated annotations
+        params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        at = [p.name for p in params].index(after) + 1
+        options = [inspect.Parameter(spec.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=spec.default,
+                                     annotation=Annotated[float, typer.Option(
+                                         help=spec.help, min=0 if spec.nonnegative else None)])
+                   for spec in LOSSES if spec.help is not None]
+        command.__signature__ = signature.replace(parameters=params[:at] + options + params[at:])
+        return command
+
+    return add_options
+
+
 @app.command()
+@_with_loss_options(after="seed")
 def train(
     captions: Annotated[Path, typer.Option(help="Captions file (pvl-search JSON, MSR-VTT JSON or WebVid CSV).")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints last/ and best/, log.jsonl, run.json.")],
@@ -123,31 +146,12 @@ def train(
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = 5e-4,
     warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed for weights, batches and LayerDrop.")] = 0,
-    mixed_vtm: Annotated[float, typer.Option(help="Weight of the mixed-stream VTM loss (hard negatives).")] = 1.0,
-    mixed_nce: Annotated[float, typer.Option(
-        help="Weight of the listwise mixed-stream loss (InfoNCE over all in-batch pairs).")] = 0.0,
-    single_vtm: Annotated[float, typer.Option(help="Weight of the single-stream VTM loss.")] = 0.0,
+    # here: one --NAME option per loss weight (pvl_search.training.loss_weights), from _with_loss_options
     group_batches_from: Annotated[int | None, typer.Option(
         help="From this epoch (1-based) on, batch whole caption-file groups together (meta.group, e.g. hard-negative "
              "twins).", min=1)] = None,
-    mlm: Annotated[float, typer.Option(help="Weight of masked language modelling.")] = 0.0,
-    token_attributes: Annotated[float, typer.Option(
-        help="Weight of the dense patch loss: a linear head on every video input token predicts the shape and the "
-             "motion of the object covering it (needs scene metadata).", min=0)] = 0.0,
     latent_reranker: Annotated[bool, typer.Option(
         help="Add the latent reranker (text latents attend over a candidate's video latents) to the model.")] = False,
-    latent_nce: Annotated[float, typer.Option(
-        help="Weight of the latent reranker's listwise loss (needs --latent-reranker).", min=0)] = 0.0,
-    attributes: Annotated[float, typer.Option(
-        help="Weight of the auxiliary attribute loss: shared linear heads predict each event's colour, shape, size "
-             "and motion, event order and binding from both embeddings (needs a synthetic benchmark's scene "
-             "metadata).", min=0)] = 0.0,
-    order_attributes: Annotated[float, typer.Option(
-        help="Extra weight on the attribute heads' labels that need event order (each event's attributes in time "
-             "order, which event is first), on both embeddings (needs scene metadata).", min=0)] = 0.0,
-    shape_motion_attributes: Annotated[float, typer.Option(
-        help="Extra weight on the attribute heads' shape and motion labels (per event, per actor, per colour), on "
-             "both embeddings (needs scene metadata).", min=0)] = 0.0,
     mined_negatives: Annotated[int, typer.Option(
         help="Extra negatives per caption for the listwise mixed loss, mined from a bank of all training videos by "
              "multi-stream similarity.", min=0)] = 0,
@@ -183,15 +187,17 @@ def train(
     limit: Annotated[int | None, typer.Option(help="Use at most this many videos per split.")] = None,
     device: Device = None,
     as_json: AsJson = False,
+    **loss_weights: float,
 ) -> None:
-    """Train a Perceiver-VL model on (video, caption) pairs (contrastive + VTM with hard
-    negatives [+ MLM]); keeps the checkpoint with the best validation R@1."""
+    """Train a Perceiver-VL model on (video, caption) pairs with the weighted losses (by default
+    the multi-stream contrastive loss and mixed-stream VTM with hard negatives; every other loss
+    trains once given a weight); keeps the checkpoint with the best validation R@1."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from pvl_search.model.config import preset
     from pvl_search.model.defaults import pick_device
     from pvl_search.training.loop import TrainConfig
-    from pvl_search.training.losses import LossWeights
+    from pvl_search.training.loss_weights import LossWeights
     from pvl_search.training.recipe import StreamOptions, corpus_seed, train_from_captions
 
     try:
@@ -200,11 +206,7 @@ def train(
                           group_batches_from=None if group_batches_from is None else group_batches_from - 1,
                           rerank_only_groups=rerank_only_groups, mined_negatives=mined_negatives,
                           val_every=val_every, probe_videos=probe_videos, retrieval_from=retrieval_from - 1,
-                          losses=LossWeights(mixed_vtm=mixed_vtm, mixed_nce=mixed_nce, single_vtm=single_vtm,
-                                             mlm=mlm, attributes=attributes, latent_nce=latent_nce,
-                                             token_attributes=token_attributes,
-                                             order_attributes=order_attributes,
-                                             shape_motion_attributes=shape_motion_attributes))
+                          losses=LossWeights(**loss_weights))
         overrides = {"text_mixer_layers": text_mixer_layers, "temporal_kernel": temporal_kernel,
                      "conv_stem": conv_stem, "latent_reranker": latent_reranker or None}
         model_config = preset(config).replace(**{k: v for k, v in overrides.items() if v is not None})
@@ -252,7 +254,7 @@ def _parse_ks(text: str) -> list[int]:
     return ks
 
 
-def _print_eval(report, title: str) -> None:  # noqa: ANN001 - indexer.evaluation.EvalReport
+def _print_eval(report, title: str) -> None:  # noqa: ANN001 - indexer.evaluate.driver.EvalReport
     for renderable in views.eval_tables(report, title):
         console.print(renderable)
 
@@ -292,7 +294,7 @@ def probe(
 
 
 def _attribute_chance(row: dict) -> dict:
-    from pvl_search.experiments.probes import attribute_means
+    from pvl_search.training.probes import attribute_means
 
     return row | attribute_means(row)
 
@@ -319,9 +321,9 @@ def evaluate(
     per-query latency for retrieval alone, mixed rerank and single rerank at each K."""
     from rich.progress import Progress
 
-    from indexer.eval_plot import plot_report
-    from indexer.evaluation import evaluate_index
-    from indexer.searcher import Searcher
+    from indexer.evaluate.driver import evaluate_index
+    from indexer.evaluate.plot import plot_report
+    from indexer.search.searcher import Searcher
 
     ks = _parse_ks(rerank_k)
     try:

@@ -1,6 +1,6 @@
 """pvl-search HTTP API: the same Searcher as `pvl-search search`, behind FastAPI + uvicorn.
 
-Layer 3, beside cli.py: it parses HTTP requests, calls indexer.searcher and returns JSON
+Layer 3, beside cli.py: it parses HTTP requests, calls indexer.search.searcher and returns JSON
 (only /health reads the index database itself, for two counts). The model and the index are loaded once, at start-up
 (`serve`); every search refreshes the read-only view of the index, so videos indexed while
 the server runs become searchable without a restart.
@@ -18,7 +18,7 @@ loopback) every request needs it (pvl_web.auth).
 
 Errors are JSON `{"detail": ...}`: 422 for a parameter of the wrong type (FastAPI's
 validation; a long input is cut short in the echo), 400 for a request the searcher refuses
-(indexer/request.py, the same rules as `pvl-search search`), 404 for an unknown video, 429
+(indexer/search/request.py, the same rules as `pvl-search search`), 404 for an unknown video, 429
 with Retry-After when the single-stream rerank slots are all busy, 503 with a one-line reason
 while the index cannot be read (it recovers by itself when the index is back), 500
 `"internal error"` (logged, never a traceback) for anything else.
@@ -28,7 +28,7 @@ next request reopens it. Single-stream rerank decodes every candidate again; at 
 `single_slots` such requests run at once, so they never queue up in front of plain searches.
 
 Searches that arrive within a few milliseconds of each other are answered together
-(indexer/batching.py: one text-encoder call and one SQL read of segment rows per batch);
+(indexer/search/batching.py: one text-encoder call and one SQL read of segment rows per batch);
 each answer is exactly the one the request gets alone, and a lone request waits at most
 the window.
 """
@@ -51,12 +51,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from indexer.batching import BATCH_WINDOW_S, MAX_BATCH, QueryBatcher
 from indexer.errors import IndexStoreError, NotFoundError
-from indexer.media import MediaFile, MediaNotFound, has_thumbnail, media_type, thumbnail_file, video_file
 from indexer.paths import relative_shown
 from indexer.precision import DtypeChoice
-from indexer.request import (
+from indexer.search.batching import BATCH_WINDOW_S, MAX_BATCH, QueryBatcher
+from indexer.search.request import (
+    DEFAULT_K,
+    DEFAULT_RERANK_K,
     MAX_K,
     MAX_QUERY_CHARS,
     MAX_RERANK_K,
@@ -65,8 +66,9 @@ from indexer.request import (
     SearchError,
     search_request,
 )
-from indexer.search_state import QUERY_CACHE
-from indexer.searcher import Searcher, SearchResult
+from indexer.search.searcher import Searcher, SearchResult
+from indexer.search.state import QUERY_CACHE
+from indexer.store.media_files import MediaFile, MediaNotFound, has_thumbnail, media_type, thumbnail_file, video_file
 from pvl_search.ranking import FUSION_HELP
 from pvl_web import PAGE, PAGE_CSP, STATIC_DIR
 from pvl_web.auth import TokenGate, check_token, is_loopback
@@ -187,16 +189,17 @@ def _add_search_route(app: FastAPI, searcher: Searcher, batcher: QueryBatcher, g
     @app.get("/search")
     def search(
         q: Annotated[str, Query(description=f"What to look for, in words (at most {MAX_QUERY_CHARS} characters).")],
-        k: Annotated[int, Query(description=f"Videos to return (1 to {MAX_K}).")] = 10,
-        rerank_k: Annotated[int, Query(description=f"Segments retrieved and reranked (1 to {MAX_RERANK_K}).")] = 50,
+        k: Annotated[int, Query(description=f"Videos to return (1 to {MAX_K}).")] = DEFAULT_K,
+        rerank_k: Annotated[int | None, Query(description=f"Segments retrieved and reranked (1 to {MAX_RERANK_K}; "
+                                              f"default: the model's choice, else {DEFAULT_RERANK_K}).")] = None,
         rerank: Annotated[str, Query(
             description=f"{', '.join(RERANK_MODES)}: auto (the reranker the model's validation chose), mixed "
             f"(the paper's [CLS] decoder, stored states), latent (query latents over stored video latents), "
             f"single (decodes again; rerank_k <= {MAX_SINGLE_RERANK_K}), none."
         )] = "auto",
-        fusion: Annotated[str, Query(
+        fusion: Annotated[str | None, Query(
             description=FUSION_HELP
-        )] = "calibrated",
+        )] = None,
         glob: Annotated[str | None, Query(
             description="Only videos whose full path matches, e.g. */news/*: * and ? wildcards, case-sensitive."
         )] = None,
@@ -207,12 +210,12 @@ def _add_search_route(app: FastAPI, searcher: Searcher, batcher: QueryBatcher, g
             "offset), or this many seconds since 1970."
         )] = None,
     ) -> dict:
-        try:  # the same rules as `pvl-search search` (indexer/request.py)
+        try:  # the same rules as `pvl-search search` (indexer/search/request.py)
             request = search_request(q, k=k, rerank_k=rerank_k, rerank=rerank, fusion=fusion, glob=glob,
                                      min_duration=min_duration, max_duration=max_duration, since=since)
         except SearchError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
-        if request.rerank == "single":
+        if searcher.is_slow(request):  # the reranker it resolves to, "auto" included
             result = gate.run(lambda: guarded(lambda: batcher.submit(request)))
         else:
             result = guarded(lambda: batcher.submit(request))
@@ -275,13 +278,13 @@ def create_app(
     /openapi.json. `path_root`: show video paths relative to this folder (a file outside it
     by its name alone), so answers do not expose the host's folders. Searches arriving
     within `batch_window_s` of each other are answered together, up to `max_batch` at once
-    (indexer/batching.py); each answer is the one the request gets alone."""
+    (indexer/search/batching.py); each answer is the one the request gets alone."""
     # The model is not safe for concurrent use, and a search refreshes the index view in
     # place: every search goes through the batcher, whose one worker thread runs them.
     # Endpoints are plain functions, so FastAPI runs them in its thread pool, where they
     # wait for their answer while the event loop stays free.
-    batcher = QueryBatcher(lambda requests: searcher.run_many(requests), window_s=batch_window_s,
-                           max_batch=max_batch)
+    batcher = QueryBatcher(lambda requests: searcher.run_many(requests), slow=searcher.is_slow,
+                           window_s=batch_window_s, max_batch=max_batch)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

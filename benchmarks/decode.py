@@ -24,8 +24,9 @@ import av  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pvl_search.media.decode_pool import DecodePool  # noqa: E402
+from pvl_search.media.decoders import scaled_size, square_crop  # noqa: E402
 from pvl_search.media.sample_files import write_video
-from pvl_search.media.video import probe, read_clip, scaled_size, square_crop  # noqa: E402
+from pvl_search.media.video import probe, read_clip  # noqa: E402
 
 FRAMES = 8
 

@@ -64,8 +64,8 @@ def query_text(i: int) -> str:
 
 def index_once(files: list[Path], runner, folder: Path) -> float:  # noqa: ANN001 - a ModelRunner
     """Seconds of one build_index into a fresh folder."""
-    from indexer.index_store import IndexStore
-    from indexer.pipeline import IndexOptions, build_index
+    from indexer.ingest.pipeline import IndexOptions, build_index
+    from indexer.store.index_store import IndexStore
 
     with IndexStore(folder) as store:
         summary = build_index(files, store, runner, IndexOptions(batch_size=8, workers=2, thumbnails=False))
@@ -88,7 +88,7 @@ def main() -> None:
         args.clips, args.queries, args.repeats = min(args.clips, 3), min(args.queries, 3), 1
 
     from indexer.encoding import ModelRunner
-    from indexer.searcher import Searcher
+    from indexer.search.searcher import Searcher
     from pvl_search.model.checkpoint import save_model
     from pvl_search.model.config import preset
     from pvl_search.model.perceiver import PerceiverVL

@@ -41,14 +41,14 @@ import torch  # noqa: E402
 
 from pvl_search.media.decode_pool import DecodePool  # noqa: E402
 from pvl_search.media.sample_files import write_video
-from pvl_search.media.video import Windows  # noqa: E402
+from pvl_search.media.windows import Windows  # noqa: E402
 from pvl_search.model.checkpoint import save_model  # noqa: E402
 from pvl_search.model.config import preset  # noqa: E402
 from pvl_search.model.perceiver import PerceiverVL  # noqa: E402
 
 if TYPE_CHECKING:
     from indexer.encoding import ModelRunner
-    from indexer.pipeline import IndexOptions
+    from indexer.ingest.pipeline import IndexOptions
 
 BATCH = 8
 
@@ -110,8 +110,8 @@ class Timed:
 
 def end_to_end(files: list[Path], runner: ModelRunner, options: IndexOptions, folder: Path) -> tuple[float, dict]:
     """(seconds, breakdown) of build_index into a fresh index folder."""
-    from indexer.index_store import IndexStore
-    from indexer.pipeline import build_index
+    from indexer.ingest.pipeline import build_index
+    from indexer.store.index_store import IndexStore
 
     encode = Timed(runner.encode_clips)
     runner.encode_clips = encode  # instance attribute: shadows the method for this run
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=None, help="torch threads in this process")
     args = parser.parse_args()
     from indexer.encoding import ModelRunner
-    from indexer.pipeline import IndexOptions
+    from indexer.ingest.pipeline import IndexOptions
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

@@ -68,8 +68,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexer.row_store import RowStore  # noqa: E402
-from indexer.vector_index import VectorIndex  # noqa: E402
+from indexer.store.row_store import RowStore  # noqa: E402
+from indexer.store.vectors.faiss_index import VectorIndex  # noqa: E402
 from pvl_search.media.video import to_model_input  # noqa: E402
 from pvl_search.model.config import preset  # noqa: E402
 from pvl_search.model.perceiver import PerceiverVL  # noqa: E402

@@ -39,9 +39,9 @@ def make_corpus(folder: Path, n: int, seconds: float) -> None:
 
 
 def index_once(corpus: Path, out: Path, runner, *, ray_workers: int | None, decode_workers: int) -> dict:  # noqa: ANN001
-    from indexer.index_store import IndexStore
-    from indexer.pipeline import IndexOptions, build_index
-    from indexer.ray_indexing import RayOptions
+    from indexer.ingest.pipeline import IndexOptions, build_index
+    from indexer.ingest.ray_producer import RayOptions
+    from indexer.store.index_store import IndexStore
 
     ray = None if ray_workers is None else RayOptions("local", ray_workers, files_per_task=2, dtype="float32")
     options = IndexOptions(workers=decode_workers, ray=ray, thumbnails=True)
@@ -72,8 +72,8 @@ def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 
 def query_latency(n: int, d: int, width: int, work: Path, queries: int = 100) -> dict:
-    from indexer.milvus_vectors import MilvusVectors
-    from indexer.vector_index import VectorIndex
+    from indexer.store.vectors.faiss_index import VectorIndex
+    from indexer.store.vectors.milvus import MilvusVectors
 
     xb, xq = clustered(n, d), clustered(queries, d, seed=1)
     ids = np.arange(n, dtype=np.int64)

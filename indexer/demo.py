@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from indexer.encoding import ModelRunner
-from indexer.eval_report import EvalReport
-from indexer.evaluation import evaluate_index
-from indexer.index_store import IndexStore
-from indexer.pipeline import IndexSummary, build_index
-from indexer.searcher import Searcher, SearchResult
+from indexer.evaluate.driver import evaluate_index
+from indexer.evaluate.report import EvalReport
+from indexer.ingest.pipeline import IndexSummary, build_index
+from indexer.search.searcher import Searcher, SearchResult
+from indexer.store.index_store import IndexStore
 from pvl_search.data.captions import load_captions
 from pvl_search.data.synth import generate_corpus
 

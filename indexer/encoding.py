@@ -51,7 +51,7 @@ class ModelRunner:
     ) -> None:
         self.device = pick_device(device)
         self.search_defaults = search_defaults or {}  # e.g. {"rerank": "latent"}: what validation chose
-        # Cast weights, not autocast (PERF_NOTES): bf16 on CUDA and on CPUs with native bf16.
+        # Cast weights, not autocast (BENCHMARKS.md, "Measured facts"): bf16 on CUDA and on CPUs with native bf16.
         # What leaves the runner is float32 either way, so indexes stay comparable.
         self.dtype = choose_dtype(dtype, self.device)
         self.model = model.to(self.device, self.dtype).eval()

@@ -5,7 +5,7 @@ Light on purpose (torch is imported inside the functions): cli.py imports the ch
 at start-up, before it knows whether the command needs the model.
 
 bfloat16 is reached by casting the weights (`model.to(torch.bfloat16)`): autocast was never
-faster here and 3.6x slower on one tower (PERF_NOTES). On a CPU without a native bf16 path
+faster here and 3.6x slower on one tower (BENCHMARKS.md, "Measured facts"). On a CPU without a native bf16 path
 (no AVX512_BF16 / AMX_BF16 / Arm BF16) a bf16 matmul is emulated, about 5x slower than
 float32, so `auto` keeps float32 there.
 """

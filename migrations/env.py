@@ -1,6 +1,6 @@
 """Alembic environment for pvl-search.
 
-Normally run from code (indexer.database.migrate), which hands an open connection in through
+Normally run from code (indexer.store.database.migrate), which hands an open connection in through
 ``config.attributes["connection"]``. Without one (the ``alembic`` command line), it connects to
 ``sqlalchemy.url`` from the config.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, create_engine
 
-from indexer.schema import Base
+from indexer.store.schema import Base
 
 config = context.config
 target_metadata = Base.metadata

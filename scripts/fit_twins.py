@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pvl_search.data.captions import load_captions
+from pvl_search.data.pairs import PairSet, build_frame_cache
 from pvl_search.experiments.twins import twin_scores
 from pvl_search.metrics import group_metrics
 from pvl_search.model.config import preset
@@ -28,7 +29,6 @@ from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
 from pvl_search.training.loop import TrainConfig, train
 from pvl_search.training.losses import LossWeights
-from pvl_search.training.pairs import PairSet, build_frame_cache
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from pvl_search.data.pairs import load_pair_sets, subset
 from pvl_search.experiments.shape_readout import (
     StemReadout,
     VideoTowerReadout,
@@ -26,8 +27,6 @@ from pvl_search.experiments.shape_readout import (
     train_readout,
 )
 from pvl_search.model.checkpoint import load_model
-from pvl_search.training.pairs import subset
-from pvl_search.training.recipe import load_pair_sets
 
 
 def main() -> None:

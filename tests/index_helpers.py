@@ -17,13 +17,13 @@ import pytest
 from sqlalchemy import select
 
 from indexer.encoding import ModelRunner
-from indexer.index_reader import IndexReader
-from indexer.index_store import IndexStore
-from indexer.pipeline import IndexOptions, build_index
-from indexer.row_store import HEADER_SIZE
-from indexer.schema import Video
-from indexer.store_base import StoreBase
-from indexer.store_records import EMBEDDINGS_FILE, RERANK_FILE, IndexStats
+from indexer.ingest.pipeline import IndexOptions, build_index
+from indexer.store.base import StoreBase
+from indexer.store.index_reader import IndexReader
+from indexer.store.index_store import IndexStore
+from indexer.store.records import EMBEDDINGS_FILE, RERANK_FILE, IndexStats
+from indexer.store.row_store import HEADER_SIZE
+from indexer.store.schema import Video
 from pvl_search.media.sample_files import write_video
 from pvl_search.model.config import preset
 

@@ -13,9 +13,9 @@ import numpy as np
 from index_helpers import wait_until_stopped
 from sqlalchemy import create_engine, select
 
-from indexer.index_store import IndexStore
-from indexer.schema import IndexInfo, Segment, Video
-from indexer.store_records import PAUSE_ENV, IndexLayout, VideoMeta
+from indexer.store.index_store import IndexStore
+from indexer.store.records import PAUSE_ENV, IndexLayout, VideoMeta
+from indexer.store.schema import IndexInfo, Segment, Video
 
 REPO = Path(__file__).resolve().parent.parent
 D_EMB, D_RERANK = 16, 10
@@ -82,8 +82,8 @@ def assert_consistent(store: IndexStore, db_url: str) -> None:
 CHILD = """
 import sys
 import numpy as np
-from indexer.store_records import VideoMeta
-from indexer.index_store import IndexStore
+from indexer.store.records import VideoMeta
+from indexer.store.index_store import IndexStore
 folder, url, op = sys.argv[1:4]
 store = IndexStore(folder, url)
 if op == "add":

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from pvl_search.data.pairs import FrameCache, PairSet
 from pvl_search.data.scene_labels import (
     LABEL_NAMES,
     LABELS,
@@ -15,13 +16,12 @@ from pvl_search.data.scene_labels import (
     scene_labels,
 )
 from pvl_search.data.synth import binding_swapped, group_variants, order_swapped, sample_scene
-from pvl_search.experiments.probes import fit_probe, probe_features, run_probes
 from pvl_search.model.config import preset
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
 from pvl_search.training.attribute_heads import AttributeHeads
 from pvl_search.training.losses import LossWeights, compute_losses
-from pvl_search.training.pairs import FrameCache, PairSet
+from pvl_search.training.probes import fit_probe, probe_features, run_probes
 
 CONFIG = preset("tiny").replace(hidden=64, heads=4, latents=8, frame_size=32, patch=8, frames=4, token_dim=16,
                                 layerdrop=0.0, embed_dim=32)
@@ -228,7 +228,7 @@ def test_training_on_a_stream_resumes_exactly(tmp_path) -> None:
 def test_token_labels_mark_the_patches_each_object_covers() -> None:
     from pvl_search.data.scene_labels import TOKEN_BACKGROUND, TOKEN_STATIC, token_labels
     from pvl_search.data.synth import MOTIONS, SHAPES, object_state
-    from pvl_search.media.video import sample_positions
+    from pvl_search.media.decoders import sample_positions
 
     scene = sample_scene(np.random.default_rng(1), 24)
     labels = token_labels(scene, 8, 64, 8)  # (frames, 64 patches, 2)

@@ -27,10 +27,10 @@ from typer.testing import CliRunner
 
 from cli import app as cli_app
 from indexer.encoding import ModelRunner
-from indexer.index_reader import IndexReader
-from indexer.index_store import IndexStore
-from indexer.pipeline import IndexOptions, build_index
-from indexer.searcher import Searcher
+from indexer.ingest.pipeline import IndexOptions, build_index
+from indexer.search.searcher import Searcher
+from indexer.store.index_reader import IndexReader
+from indexer.store.index_store import IndexStore
 from pvl_search.media.sample_files import write_video
 from pvl_search.model.checkpoint import save_model
 from pvl_search.model.config import preset

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from indexer.encoding import ModelRunner
-from indexer.eval_plot import plot_report
-from indexer.eval_report import EXHAUSTIVE, MIXED, MULTI, ROW_HEADER, SINGLE, EvalError, EvalProgress, EvalReport
-from indexer.evaluation import evaluate_index
-from indexer.index_reader import IndexReader
-from indexer.index_store import IndexStore
-from indexer.pipeline import IndexOptions, build_index
-from indexer.searcher import Searcher
-from indexer.store_records import FAISS_FILE
+from indexer.evaluate.driver import evaluate_index
+from indexer.evaluate.plot import plot_report
+from indexer.evaluate.report import EXHAUSTIVE, MIXED, MULTI, ROW_HEADER, SINGLE, EvalError, EvalProgress, EvalReport
+from indexer.ingest.pipeline import IndexOptions, build_index
+from indexer.search.searcher import Searcher
+from indexer.store.index_reader import IndexReader
+from indexer.store.index_store import IndexStore
+from indexer.store.records import FAISS_FILE
 from pvl_search.media.sample_files import write_video
 from pvl_search.model.checkpoint import save_model
 from pvl_search.model.config import preset

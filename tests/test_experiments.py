@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pvl_search.data.pairs import FrameCache, PairSet
 from pvl_search.experiments.twins import pairwise_report, twin_scores
 from pvl_search.model.config import preset
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
-from pvl_search.training.pairs import FrameCache, PairSet
 
 
 def test_pairwise_report_counts_wins_against_each_kind_of_twin() -> None:

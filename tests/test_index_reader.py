@@ -25,22 +25,22 @@ from store_helpers import (
     video_rows,
 )
 
-import indexer.index_reader as index_reader_module
-from indexer.database import current_revisions, head_revision
+import indexer.store.index_reader as index_reader_module
 from indexer.errors import (
     IndexLockedError,
     IndexStoreError,
     SchemaTooNewError,
 )
-from indexer.index_reader import IndexReader
-from indexer.index_store import IndexStore
-from indexer.row_store import HEADER_SIZE
-from indexer.store_records import (
+from indexer.store.database import current_revisions, head_revision
+from indexer.store.index_reader import IndexReader
+from indexer.store.index_store import IndexStore
+from indexer.store.records import (
     EMBEDDINGS_FILE,
     FAISS_FILE,
     IndexLayout,
     VideoMeta,
 )
+from indexer.store.row_store import HEADER_SIZE
 
 # -- read-only opens (searchers) ---------------------------------------------------------
 
@@ -75,7 +75,7 @@ def test_readers_alongside_a_writer(db_url: str, tmp_path: Path) -> None:
     writer.set_model(CONFIG, WEIGHTS, LAYOUT)
     add(writer, "/v/a.mp4", 4, seed=1)
     add(writer, "/v/b.mp4", 3, seed=2)
-    writer.save_faiss()
+    writer.save_vectors()
     # The writer holds the lock (the same process cannot open a second writer either).
     with pytest.raises(IndexLockedError):
         IndexStore(folder, db_url)
@@ -124,7 +124,7 @@ def test_readers_write_nothing(db_url: str, tmp_path: Path) -> None:
         store.set_model(CONFIG, WEIGHTS, LAYOUT)
         add(store, "/v/a.mp4", 4, seed=1)
         add(store, "/v/b.mp4", 3, seed=2)
-        store.save_faiss()
+        store.save_vectors()
         stale = (folder / FAISS_FILE).read_bytes()  # 7 rows, removal_seq 0
         add(store, "/v/c.mp4", 5, seed=3)
         store.mark_removed("/v/b.mp4")
@@ -154,7 +154,7 @@ def test_a_reader_has_no_writes_and_writes_nothing(db_url: str, tmp_path: Path) 
     folder = tmp_path / "idx"
     build_index(folder, db_url)
     (folder / FAISS_FILE).unlink()  # the reader builds FAISS in memory: it is "dirty"
-    writes = ("add_video", "mark_failed", "mark_removed", "set_model", "record_dtype", "save_faiss",
+    writes = ("add_video", "mark_failed", "mark_removed", "set_model", "record_dtype", "save_vectors",
               "rebuild_vectors", "sync_thumbnails")
     assert all(callable(getattr(IndexStore, name)) for name in writes)
     with IndexReader(folder, db_url) as reader:

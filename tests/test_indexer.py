@@ -1,6 +1,6 @@
-"""The indexing pipeline end to end: real video files (tests/media.py), a real model, a real
-SQLite file and a real PostgreSQL server (`db_url`), real worker processes, and a real
-`pvl-search index` process SIGKILLed half-way through.
+"""The indexing pipeline end to end: real video files (pvl_search/media/sample_files.py), a real
+model, a real SQLite file and a real PostgreSQL server (`db_url`), real worker processes, and a
+real `pvl-search index` process SIGKILLed half-way through.
 
 Every check reads back what a searcher would: SQL rows, the stored embeddings / rerank
 states / latents, and the FAISS ids, and compares the stored rows with a fresh encode of the
@@ -25,14 +25,14 @@ from typer.testing import CliRunner
 from cli import app
 from indexer.encoding import ModelRunner
 from indexer.errors import IndexStoreError, ModelMismatchError
-from indexer.index_reader import IndexReader
-from indexer.index_store import IndexStore
-from indexer.pipeline import IndexOptions, IndexSummary, build_index
-from indexer.schema import Segment, Video
-from indexer.store_records import EMBEDDINGS_FILE, LATENTS_FILE, RERANK_FILE
+from indexer.ingest.pipeline import IndexOptions, IndexSummary, build_index
+from indexer.store.index_reader import IndexReader
+from indexer.store.index_store import IndexStore
+from indexer.store.records import EMBEDDINGS_FILE, LATENTS_FILE, RERANK_FILE
+from indexer.store.schema import Segment, Video
 from pvl_search.media.decode_pool import DecodePool
 from pvl_search.media.sample_files import truncate, write_image
-from pvl_search.media.video import Windows
+from pvl_search.media.windows import Windows
 from pvl_search.model.checkpoint import save_model, weights_fingerprint
 from pvl_search.model.perceiver import PerceiverVL
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from indexer.encoding import ModelRunner
-from indexer.eval_report import LATENT, MIXED, MULTI
-from indexer.evaluation import evaluate_index
-from indexer.index_store import IndexStore
-from indexer.pipeline import IndexOptions, build_index
-from indexer.request import SearchError
-from indexer.searcher import Searcher
+from indexer.evaluate.driver import evaluate_index
+from indexer.evaluate.report import LATENT, MIXED, MULTI
+from indexer.ingest.pipeline import IndexOptions, build_index
+from indexer.search.request import SearchError
+from indexer.search.searcher import Searcher
+from indexer.store.index_store import IndexStore
 from pvl_search.media.sample_files import write_video
 from pvl_search.model.checkpoint import CheckpointError, load_search_defaults, save_model
 from pvl_search.model.config import preset

@@ -38,7 +38,7 @@ def test_gradients_reach_every_parameter() -> None:
     model = PerceiverVL(CONFIG.replace(layerdrop=0.0)).train()
     frames, ids = random_pairs()
     groups = torch.tensor([0, 0, 1, 1, 2, 3, 4, 5])  # two pairs of twins
-    compute_losses(model, frames, None, ids, ALL_LOSSES, groups).total.backward()
+    compute_losses(model, frames, None, ids, ALL_LOSSES, groups=groups).total.backward()
     dead = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert dead == []
 

@@ -38,13 +38,13 @@ from index_helpers import (
 )
 from sqlalchemy import text
 
-from indexer.database import server_engine
 from indexer.encoding import ModelRunner
 from indexer.errors import DatabaseAccessError
-from indexer.index_reader import IndexReader
-from indexer.index_store import IndexStore
-from indexer.searcher import Searcher
-from indexer.store_records import FAISS_FILE
+from indexer.search.searcher import Searcher
+from indexer.store.database import server_engine
+from indexer.store.index_reader import IndexReader
+from indexer.store.index_store import IndexStore
+from indexer.store.records import FAISS_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -201,7 +201,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_is_consistent(small_disk: Path | 
         from typer.testing import CliRunner
 
         from cli import app
-        from indexer.row_store import RowStore
+        from indexer.store.row_store import RowStore
 
         folder = tmp_path / "idx"
         assert CliRunner().invoke(app, ["index", str(media), "--index", str(folder), *command]).exit_code == 0
@@ -271,7 +271,7 @@ def test_postgres_killed_mid_run_is_one_line_and_the_rerun_is_consistent(private
 
 def test_the_postgres_timeouts_are_shown_in_help() -> None:
     from cli import DbUrl
-    from indexer.database import PG_CONNECT_TIMEOUT_S, PG_STATEMENT_TIMEOUT_S
+    from indexer.store.database import PG_CONNECT_TIMEOUT_S, PG_STATEMENT_TIMEOUT_S
 
     shown = DbUrl.__metadata__[0].help
     assert f"connect {PG_CONNECT_TIMEOUT_S} s, statement {PG_STATEMENT_TIMEOUT_S} s" in shown

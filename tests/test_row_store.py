@@ -11,7 +11,7 @@ import pytest
 from indexer.errors import (
     RowStoreError,
 )
-from indexer.row_store import HEADER_SIZE, RowStore
+from indexer.store.row_store import HEADER_SIZE, RowStore
 
 # -- row store -------------------------------------------------------------------------
 

@@ -30,12 +30,12 @@ from typer.testing import CliRunner
 from cli import app
 from indexer.encoding import ModelRunner
 from indexer.errors import IndexStoreError
-from indexer.index_reader import IndexReader
-from indexer.index_store import IndexStore
-from indexer.pipeline import IndexOptions, IndexSummary, build_index, rebuild_vectors
-from indexer.ray_indexing import ACTOR_PREFIX, RayOptions
-from indexer.searcher import Searcher, SearchFilters
-from indexer.store_records import PAUSE_ENV
+from indexer.ingest.pipeline import IndexOptions, IndexSummary, build_index, rebuild_vectors
+from indexer.ingest.ray_producer import ACTOR_PREFIX, RayOptions
+from indexer.search.searcher import Searcher, SearchFilters
+from indexer.store.index_reader import IndexReader
+from indexer.store.index_store import IndexStore
+from indexer.store.records import PAUSE_ENV
 from pvl_search.media.sample_files import write_video
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 import cli
 from indexer.encoding import ModelRunner
-from indexer.index_store import IndexStore
-from indexer.pipeline import IndexOptions, build_index
-from indexer.request import SearchError, SearchFilters
-from indexer.searcher import Searcher
+from indexer.ingest.pipeline import IndexOptions, build_index
+from indexer.search.request import SearchError, SearchFilters
+from indexer.search.searcher import Searcher
+from indexer.store.index_store import IndexStore
 from pvl_search.data.captions import load_captions
 from pvl_search.data.synth import generate_corpus
 from pvl_search.media.video import read_clip, to_model_input

@@ -23,10 +23,10 @@ from index_helpers import stop_process
 
 from indexer.encoding import ModelRunner
 from indexer.errors import IndexStoreError
-from indexer.index_reader import IndexReader
-from indexer.index_store import IndexStore
-from indexer.pipeline import IndexOptions, build_index
-from indexer.searcher import Searcher
+from indexer.ingest.pipeline import IndexOptions, build_index
+from indexer.search.searcher import Searcher
+from indexer.store.index_reader import IndexReader
+from indexer.store.index_store import IndexStore
 from pvl_search.media.sample_files import write_video
 from pvl_search.model.checkpoint import save_model
 from pvl_search.model.config import preset

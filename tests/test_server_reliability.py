@@ -21,10 +21,10 @@ from index_helpers import TOKEN, UNPRIVILEGED, cli_env, index, stop_process, vid
 from sqlalchemy import select
 
 from indexer.encoding import ModelRunner
-from indexer.index_reader import IndexReader
-from indexer.request import search_request
-from indexer.schema import Video
-from indexer.searcher import Searcher
+from indexer.search.request import search_request
+from indexer.search.searcher import Searcher
+from indexer.store.index_reader import IndexReader
+from indexer.store.schema import Video
 
 REPO = Path(__file__).resolve().parent.parent
 

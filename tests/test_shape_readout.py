@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from pvl_search.data.pairs import FrameCache, PairSet
 from pvl_search.data.scene_labels import TOKEN_BACKGROUND, label_maps
 from pvl_search.data.synth import render_scene, sample_scene
 from pvl_search.experiments.shape_readout import (
@@ -17,11 +18,10 @@ from pvl_search.experiments.shape_readout import (
     token_shape_probe,
     train_readout,
 )
-from pvl_search.media.video import sample_positions
+from pvl_search.media.decoders import sample_positions
 from pvl_search.model.config import preset
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
-from pvl_search.training.pairs import FrameCache, PairSet
 
 CONFIG = preset("tiny").replace(hidden=32, heads=4, latents=8, frame_size=32, patch=8, frames=4, token_dim=16,
                                 embed_dim=16, layerdrop=0.0, conv_stem=8)

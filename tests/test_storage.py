@@ -28,18 +28,16 @@ from store_helpers import (
     video_rows,
 )
 
-from indexer.database import alembic_config, current_revisions, head_revision, open_database
 from indexer.errors import (
     IndexLockedError,
     IndexStoreError,
     ModelMismatchError,
     SchemaTooNewError,
 )
-from indexer.index_reader import IndexReader
-from indexer.index_store import IndexStore
-from indexer.row_store import HEADER_SIZE
-from indexer.schema import Base
-from indexer.store_records import (
+from indexer.store.database import alembic_config, current_revisions, head_revision, open_database
+from indexer.store.index_reader import IndexReader
+from indexer.store.index_store import IndexStore
+from indexer.store.records import (
     EMBEDDINGS_FILE,
     FAISS_FILE,
     RERANK_FILE,
@@ -47,7 +45,9 @@ from indexer.store_records import (
     VideoMeta,
     fingerprint_file,
 )
-from indexer.vector_index import VectorIndex
+from indexer.store.row_store import HEADER_SIZE
+from indexer.store.schema import Base
+from indexer.store.vectors.faiss_index import VectorIndex
 
 # -- migrations ------------------------------------------------------------------------
 

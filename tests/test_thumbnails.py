@@ -2,7 +2,7 @@
 step with the segments through re-indexing, removals, failures and crash leftovers, counted
 by `status`, off with --no-thumbnails, and made for an older index on its next `index` run.
 
-Real video files (tests/media.py), a real (tiny, random) model, real worker processes.
+Real video files (pvl_search/media/sample_files.py), a real (tiny, random) model, real worker processes.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 
 from cli import app
 from indexer.encoding import ModelRunner
-from indexer.index_reader import IndexReader
-from indexer.index_store import IndexStore
-from indexer.pipeline import IndexOptions, build_index
-from indexer.store_records import THUMBNAILS_DIR
+from indexer.ingest.pipeline import IndexOptions, build_index
+from indexer.store.index_reader import IndexReader
+from indexer.store.index_store import IndexStore
+from indexer.store.records import THUMBNAILS_DIR
 from pvl_search.media.sample_files import write_image, write_video
 from pvl_search.media.thumbnails import THUMBNAIL_WIDTH, clip_thumbnail, encode_jpeg, keyframe
 

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from pvl_search.data.pairs import FrameCache, PairSet, build_frame_cache
 from pvl_search.model.checkpoint import load_model
 from pvl_search.model.config import preset
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
-from pvl_search.training.loop import TrainConfig, epoch_batches, evaluate, learning_rate, train
+from pvl_search.training.loop import TrainConfig, epoch_batches, learning_rate, train
 from pvl_search.training.losses import LossWeights
-from pvl_search.training.pairs import FrameCache, PairSet, build_frame_cache
+from pvl_search.training.validation import evaluate
 
 CONFIG = preset("tiny").replace(
     hidden=64, heads=4, latents=8, frame_size=32, patch=8, frames=4, token_dim=16, layerdrop=0.0
@@ -110,8 +111,8 @@ def test_cli_trains_on_a_synthetic_corpus_with_twin_groups(tmp_path) -> None:
     from typer.testing import CliRunner
 
     import cli
+    from pvl_search.data.pairs import load_pair_sets
     from pvl_search.data.synth import generate_corpus
-    from pvl_search.training.recipe import load_pair_sets
 
     generate_corpus(tmp_path / "corpus", 24, seed=5, size=64, fps=8, seconds=1.5, workers=1,
                     splits=(0.5, 0.5, 0.0))

@@ -13,7 +13,7 @@ from store_helpers import clustered, recall_at
 from indexer.errors import (
     IndexStoreError,
 )
-from indexer.vector_index import VectorIndex
+from indexer.store.vectors.faiss_index import VectorIndex
 
 # -- FAISS -----------------------------------------------------------------------------
 

@@ -30,9 +30,9 @@ from pvl_search.media.video import (
     probe,
     read_clip,
     read_clips,
-    segment_spans,
     to_model_input,
 )
+from pvl_search.media.windows import segment_spans
 
 SIZE = 16  # decoded frame side: small keeps the tests fast
 

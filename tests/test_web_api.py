@@ -25,10 +25,10 @@ from typer.testing import CliRunner
 
 from cli import app as cli_app
 from indexer.encoding import ModelRunner
-from indexer.index_store import IndexStore
-from indexer.pipeline import IndexOptions, build_index
-from indexer.schema import Video
-from indexer.searcher import Searcher
+from indexer.ingest.pipeline import IndexOptions, build_index
+from indexer.search.searcher import Searcher
+from indexer.store.index_store import IndexStore
+from indexer.store.schema import Video
 from pvl_search.media.sample_files import write_image, write_video
 from pvl_search.model.checkpoint import save_model
 from pvl_search.model.config import preset

@@ -1,7 +1,7 @@
 """index_info.vector_store: where the index's vectors live (issue #16).
 
 NULL is the FAISS file in the index folder, as before; ``milvus:URI[#INDEX_TYPE]`` a Milvus
-collection (indexer/vector_backend.py). Existing indexes keep NULL.
+collection (indexer/store/vectors/choice.py). Existing indexes keep NULL.
 
 Revision ID: 0005
 Revises: 0004

@@ -1,1 +1,2 @@
-"""Data: the synthetic benchmark, its scene labels and training stream, caption-file formats."""
+"""Data: the synthetic benchmark, its scene labels and training stream, caption-file formats, and
+(video, caption) pair sets over a frame cache."""

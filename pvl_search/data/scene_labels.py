@@ -2,7 +2,7 @@
 
 The same labels drive two things: auxiliary heads during training (so that the encoders must
 keep shape, size, motion, order and binding, not only colour) and linear probes that measure
-what a trained model's embeddings hold (`pvl_search.experiments.probes`).
+what a trained model's embeddings hold (`pvl_search.training.probes`).
 
 Slots follow time: "first" is the object whose event happens first, "second" the other actor.
 So the slot labels alone tell every member of a twin group apart: an order twin swaps the
@@ -22,7 +22,7 @@ import numpy as np
 from pvl_search.data.scene import SIZES, Scene
 from pvl_search.data.scene_render import shape_mask
 from pvl_search.data.synth import COLOURS, MOTIONS, SHAPES, object_state
-from pvl_search.media.video import sample_positions
+from pvl_search.media.decoders import sample_positions
 
 SLOTS = ("first", "second")
 ATTRIBUTES: dict[str, tuple[str, ...]] = {

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pvl_search.data.pairs import FrameCache, PairSet
 from pvl_search.data.scene import Scene
 from pvl_search.data.scene_captions import captions_for
 from pvl_search.data.scene_labels import label_maps
@@ -38,7 +39,6 @@ from pvl_search.data.scene_render import write_mp4
 from pvl_search.data.synth import group_variants, heldout_combinations, render_scene, sample_scene
 from pvl_search.media.video import read_clip
 from pvl_search.model.tokenizer import Tokenizer
-from pvl_search.training.pairs import FrameCache, PairSet
 
 _STREAM_TAG = 11  # keeps the stream's random numbers apart from plan_corpus's
 

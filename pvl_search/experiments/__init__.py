@@ -1,1 +1,2 @@
-"""Diagnostics of a model: linear probes, twin accuracy."""
+"""Diagnostics of a model: linear probes on a captions file's splits (`pvl-search probe`; the probes
+themselves are pvl_search.training.probes), twin accuracy, shape readouts."""

@@ -9,7 +9,7 @@ shape labels alone (per actor and per colour, `SHAPE_LABELS`) and scored on held
 - `StemReadout`: a fresh copy of the model's patch stem, max-pooled over tokens and frames, with
   a small MLP: do frames of this size and patch show shape at all?
 
-The linear probes of `pvl_search.experiments.probes` say *that* shape is missing from the
+The linear probes of `pvl_search.training.probes` say *that* shape is missing from the
 embeddings; these say *where*, and whether it is the input or the training that withholds it.
 """
 
@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pvl_search.data.pairs import PairSet
 from pvl_search.data.scene_labels import LABELS, TOKEN_BACKGROUND
-from pvl_search.experiments.probes import fit_probe
 from pvl_search.model.config import ModelConfig
 from pvl_search.model.embeddings import VideoEmbedding
 from pvl_search.model.perceiver import PerceiverVL
-from pvl_search.training.pairs import PairSet
+from pvl_search.training.probes import fit_probe
 
 # The shape of each moving object (by colour-name order) and of the object of each colour
 # (or none): readable from any frame the object is in, without event order.

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from pvl_search.data.captions import load_captions
+from pvl_search.data.pairs import PairSet, build_frame_cache
 from pvl_search.metrics import group_metrics
 from pvl_search.model.checkpoint import load_model
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
 from pvl_search.ranking import fuse
-from pvl_search.training.loop import score_matrices
-from pvl_search.training.pairs import PairSet, build_frame_cache
+from pvl_search.training.validation import score_matrices
 
 
 def twin_scores(model: PerceiverVL, data: PairSet) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -3,7 +3,8 @@ collects their clips, notices crashes and hangs, retries with PyAV, and an order
 that gives the results to the consumer.
 
 The worker processes themselves are started, replaced and killed by the pool
-(decode_pool.py); what they run is decode_worker.py.
+(decode_pool.py), which the dispatcher drives through the public `WorkerSlots` interface
+defined here; what the workers run is decode_worker.py.
 """
 
 from __future__ import annotations
@@ -15,20 +16,35 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable, Iterator
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from pvl_search.media.backends import Backend
-from pvl_search.media.video import Clip, Span, VideoDecodeError, Windows
+from pvl_search.media.types import Clip, Span, VideoDecodeError, VideoInfo
+from pvl_search.media.windows import Windows
 
-if TYPE_CHECKING:  # decode_pool imports this module
-    from pvl_search.media.decode_pool import DecodePool, Job, Result, Worker
+Job = tuple[Hashable, "str | os.PathLike[str]", "Sequence[Span] | Windows | None", int, int]
+# (key, path, spans, or Windows to let the worker cut the video, or None for all of it,
+#  num_frames, size)
 
 _MAX_START_FAILURES = 3  # consecutive workers dying before "ready": give up, it is not the files
+
+
+@dataclass
+class DecodedVideo:
+    """The clips of one job (one Clip per span), with the spans they cover and, when the
+    worker probed the file (Windows jobs), its VideoInfo."""
+
+    clips: list[Clip]
+    spans: list[Span] | None  # None: the job asked for the whole file
+    info: VideoInfo | None
+
+
+Result = DecodedVideo | VideoDecodeError  # one Clip per span, or why the file failed
 
 
 @dataclass
@@ -45,10 +61,58 @@ class Task:
     first_failure: str | None = None  # why the decord attempt failed, when this is the retry
 
 
+@dataclass
+class Worker:
+    """The pool's record of one worker process and the job it is decoding."""
+
+    process: Any  # multiprocessing.context.ForkServerProcess
+    conn: Connection
+    deadline: float  # monotonic time by which it must next report
+    ready: bool = False
+    job: Task | None = None
+    clips: list[Clip] = field(default_factory=list)
+    plan: tuple[list[Span] | None, VideoInfo | None] = (None, None)  # spans the worker decided
+
+    def result(self) -> DecodedVideo:
+        """The finished job: the clips received, with the spans and info of its plan."""
+        return DecodedVideo(self.clips, *self.plan)
+
+
+class WorkerSlots(Protocol):
+    """The pool as the dispatcher drives it (DecodePool): its settings, and a fixed number of
+    slots, each empty or holding one worker process. The pool owns the processes and the lock
+    that guards the slots and each worker's job; the dispatcher decides when to start, replace
+    and feed them."""
+
+    backend: Backend
+    timeout_s: float
+    prefetch: int
+
+    def slots(self) -> list[Worker | None]:
+        """The worker in each slot (None: empty), as a list of its own."""
+        ...
+
+    def start_worker(self, slot: int) -> Worker:
+        """A fresh worker process in `slot`; it sends "ready" once it can take a task."""
+        ...
+
+    def replace_worker(self, slot: int) -> None:
+        """Kill the worker in `slot`, if any, and leave the slot empty."""
+        ...
+
+    def assign(self, worker: Worker, task: Task) -> None:
+        """Record that `worker` decodes `task` from now on, with no clips yet."""
+        ...
+
+    def release(self, worker: Worker) -> None:
+        """Record that `worker` has finished its task and is idle."""
+        ...
+
+
 class DecodeRun:
     """One imap: a dispatcher thread feeding workers, and the consumer's ordered generator."""
 
-    def __init__(self, pool: DecodePool, jobs: Iterator[Job]) -> None:
+    def __init__(self, pool: WorkerSlots, jobs: Iterator[Job]) -> None:
         self.pool, self.jobs = pool, jobs
         self.retries: deque[Task] = deque()
         self.done: dict[int, tuple[Hashable, Result]] = {}
@@ -123,19 +187,19 @@ class DecodeRun:
                 self.cond.notify_all()
 
     def _all_done(self) -> bool:
-        busy = any(w is not None and w.job is not None for w in self.pool._slots)
+        busy = any(w is not None and w.job is not None for w in self.pool.slots())
         return self.exhausted and not self.retries and not busy
 
     def _fill_workers(self) -> None:
         """Start missing workers; hand a task to every ready, idle one while there is room."""
-        for slot, worker in enumerate(self.pool._slots):
+        for slot, worker in enumerate(self.pool.slots()):
             if worker is not None and not worker.process.is_alive() and worker.job is None:
-                self.pool._replace(slot)
+                self.pool.replace_worker(slot)
                 worker = None
             if worker is None:
                 if self.exhausted and not self.retries:
                     continue
-                worker = self.pool._start_worker(slot)
+                worker = self.pool.start_worker(slot)
             if worker.ready and worker.job is None:
                 task = self._next_task()
                 if task is None:
@@ -161,9 +225,7 @@ class DecodeRun:
         return task
 
     def _send(self, slot: int, worker: Worker, task: Task) -> None:
-        with self.pool._lock:
-            worker.job, worker.clips = task, []
-            worker.plan = (None if isinstance(task.spans, Windows) else task.spans, None)
+        self.pool.assign(worker, task)
         worker.deadline = time.monotonic() + self.pool.timeout_s
         try:
             worker.conn.send((task.path, task.spans, task.num_frames, task.size, task.backend))
@@ -171,7 +233,7 @@ class DecodeRun:
             pass  # the worker died; its sentinel reports the crash in _wait_and_collect
 
     def _wait_and_collect(self) -> None:
-        workers = [w for w in self.pool._slots if w is not None]
+        workers = [w for w in self.pool.slots() if w is not None]
         deadline = min((w.deadline for w in workers if w.job or not w.ready), default=None)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         handles: list[Any] = [self.wake_r]
@@ -181,7 +243,7 @@ class DecodeRun:
         if self.wake_r in ready:
             with contextlib.suppress(BlockingIOError):
                 self.wake_r.recv(4096, socket.MSG_DONTWAIT)
-        for slot, worker in enumerate(self.pool._slots):
+        for slot, worker in enumerate(self.pool.slots()):
             if worker is None:
                 continue
             if worker.conn in ready or worker.process.sentinel in ready:
@@ -218,14 +280,13 @@ class DecodeRun:
             result = worker.result() if kind == "done" else payload
             if kind == "error" and task.first_failure:
                 result = VideoDecodeError(task.path, f"{task.first_failure}; then {payload.reason}")
-            with self.pool._lock:
-                worker.job, worker.clips = None, []
+            self.pool.release(worker)
             self._finish(task, result)
 
     def _fail(self, slot: int, worker: Worker, reason: str) -> None:
         """Kill and forget the worker; fail (or, for decord under "auto", retry) its task."""
         task = worker.job
-        self.pool._replace(slot)
+        self.pool.replace_worker(slot)
         if task is None:
             if not worker.ready:
                 self.start_failures += 1
@@ -250,9 +311,9 @@ class DecodeRun:
 
     def _abandon_busy(self) -> None:
         """Workers still busy when the run ends hold jobs nobody will read: replace them."""
-        for slot, worker in enumerate(self.pool._slots):
+        for slot, worker in enumerate(self.pool.slots()):
             if worker is not None and worker.job is not None:
-                self.pool._replace(slot)
+                self.pool.replace_worker(slot)
 
 
 def _receive_frames(conn: Connection, mask: np.ndarray, size: int) -> Clip:

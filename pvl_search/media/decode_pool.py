@@ -18,7 +18,8 @@ Workers are started the spawn/forkserver way, so, as with any such multiprocessi
 that uses the pool must guard its entry point with `if __name__ == "__main__":`.
 
 The pool (this module) owns the worker processes; the dispatcher thread and the ordered
-results are decode_dispatch.py, and the code the workers run is decode_worker.py.
+results are decode_dispatch.py (it drives the pool through the `WorkerSlots` methods), and
+the code the workers run is decode_worker.py.
 
 Frames come back as uint8 (4x smaller to pickle than float). Memory held by the pool is
 about prefetch x spans per job x F x S x S x 3 bytes: submit an hour-long film as several
@@ -29,47 +30,26 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import os
 import threading
 import time
-from collections.abc import Hashable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
-from typing import Any
+from collections.abc import Hashable, Iterable, Iterator
 
 from pvl_search.media.backends import BACKENDS, Backend
-from pvl_search.media.decode_dispatch import DecodeRun, Task
+from pvl_search.media.decode_dispatch import DecodeRun, Job, Result, Task, Worker
 from pvl_search.media.decode_worker import worker_main
-from pvl_search.media.video import Clip, Fit, Span, VideoDecodeError, VideoInfo, Windows
-
-Job = tuple[Hashable, "str | os.PathLike[str]", "Sequence[Span] | Windows | None", int, int]
-# (key, path, spans, or Windows to let the worker cut the video, or None for all of it,
-#  num_frames, size)
-
-
-@dataclass
-class DecodedVideo:
-    """The clips of one job (one Clip per span), with the spans they cover and, when the
-    worker probed the file (Windows jobs), its VideoInfo."""
-
-    clips: list[Clip]
-    spans: list[Span] | None  # None: the job asked for the whole file
-    info: VideoInfo | None
-
-
-Result = DecodedVideo | VideoDecodeError  # one Clip per span, or why the file failed
+from pvl_search.media.types import Fit
+from pvl_search.media.windows import Windows
 
 _STARTUP_TIMEOUT_S = 120.0  # a fresh worker must say "ready" within this (imports included)
-_PRELOAD = [  # imports torch, PyAV and decord once in the forkserver
-    "pvl_search.media.decode_pool",
-    "pvl_search.media.decoders",  # imported by video.iter_clips only when first called
-]
+_PRELOAD = ["pvl_search.media.decode_pool"]  # imports torch, PyAV and decord once in the forkserver
 
 
 class DecodePool:
     """Worker processes decoding (key, path, spans, num_frames, size) jobs; see the module doc.
 
     Use as a context manager; `imap` yields (key, DecodedVideo | VideoDecodeError) per job.
+    The dispatcher of each imap drives the worker slots through the `WorkerSlots` methods
+    (decode_dispatch.py) at the end of the class.
     """
 
     def __init__(
@@ -154,9 +134,15 @@ class DecodePool:
             worker.process.join(max(0.0, deadline - time.monotonic()))
             _kill(worker)
 
-    # --- used by DecodeRun ---
+    # --- the worker slots, as DecodeRun drives them (decode_dispatch.WorkerSlots) ---
 
-    def _start_worker(self, slot: int) -> Worker:
+    def slots(self) -> list[Worker | None]:
+        """The worker in each slot (None: empty), as a list of its own."""
+        with self._lock:
+            return list(self._slots)
+
+    def start_worker(self, slot: int) -> Worker:
+        """A fresh worker process in `slot`; it sends "ready" once it can take a task."""
         parent_end, child_end = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=worker_main, args=(child_end, self.fit), name=f"pvl-decode-{slot}", daemon=True
@@ -168,28 +154,23 @@ class DecodePool:
             self._slots[slot] = worker
         return worker
 
-    def _replace(self, slot: int) -> None:
+    def replace_worker(self, slot: int) -> None:
+        """Kill the worker in `slot`, if any, and leave the slot empty."""
         with self._lock:
             worker, self._slots[slot] = self._slots[slot], None
         if worker is not None:
             _kill(worker)
 
+    def assign(self, worker: Worker, task: Task) -> None:
+        """Record that `worker` decodes `task` from now on, with no clips yet."""
+        with self._lock:  # in_flight() reads the jobs from the consumer's thread
+            worker.job, worker.clips = task, []
+            worker.plan = (None if isinstance(task.spans, Windows) else task.spans, None)
 
-@dataclass
-class Worker:
-    """The pool's record of one worker process and the job it is decoding."""
-
-    process: Any  # multiprocessing.context.ForkServerProcess
-    conn: Connection
-    deadline: float  # monotonic time by which it must next report
-    ready: bool = False
-    job: Task | None = None
-    clips: list[Clip] = field(default_factory=list)
-    plan: tuple[list[Span] | None, VideoInfo | None] = (None, None)  # spans the worker decided
-
-    def result(self) -> DecodedVideo:
-        """The finished job: the clips received, with the spans and info of its plan."""
-        return DecodedVideo(self.clips, *self.plan)
+    def release(self, worker: Worker) -> None:
+        """Record that `worker` has finished its task and is idle."""
+        with self._lock:
+            worker.job, worker.clips = None, []
 
 
 def _kill(worker: Worker) -> None:

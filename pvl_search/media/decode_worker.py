@@ -17,17 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pvl_search.media.video import (
-    Fit,
-    Span,
-    VideoDecodeError,
-    VideoInfo,
-    Windows,
-    is_image,
-    iter_clips,
-    probe,
-    segment_spans,
-)
+from pvl_search.media.types import Fit, Span, VideoDecodeError, VideoInfo
+from pvl_search.media.video import is_image, iter_clips, probe
+from pvl_search.media.windows import Windows, segment_spans
 
 
 def _die_with_parent() -> None:

@@ -2,12 +2,15 @@
 
 Each reader turns a span of one open file into the frames to keep (`_span_indices` picks
 them); `FileReaders` chooses the backend and packs the frames into a `Clip`. Failures are
-raised as `VideoDecodeError`, whatever the backend.
+raised as `VideoDecodeError`, whatever the backend. The frame rules the readers share (which
+frames to keep, the output size, the square crop) and the PyAV opener are here too; video.py
+builds on this module, never the other way round.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,18 +22,69 @@ import decord
 import numpy as np
 
 from pvl_search.media.backends import Backend
-from pvl_search.media.video import (
-    Clip,
-    Fit,
-    Span,
-    VideoDecodeError,
-    VideoInfo,
-    open_pyav,
-    sample_positions,
-    scaled_size,
-    short_error,
-    square_crop,
-)
+from pvl_search.media.types import Clip, Fit, Span, VideoDecodeError, VideoInfo
+
+# Formats ffmpeg will "decode" from files that are not videos (tty renders text as ANSI art).
+_NOT_VIDEO_FORMATS = {"tty"}
+_DECORD_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Error: )?")
+
+
+def open_pyav(path: Path) -> av.container.InputContainer:
+    """Open with PyAV, turning every failure into VideoDecodeError."""
+    try:
+        container = av.open(str(path), "r")
+    except (av.error.FFmpegError, OSError) as error:
+        raise VideoDecodeError(path, f"not a readable video: {short_error(error)}") from None
+    if container.format.name in _NOT_VIDEO_FORMATS or not container.streams.video:
+        container.close()
+        raise VideoDecodeError(path, "no video stream")
+    return container
+
+
+def short_error(error: BaseException) -> str:
+    """One short line for an error: no errno, no repeated file name, no decord log prefix."""
+    if isinstance(error, (av.error.FFmpegError, OSError)) and error.strerror:
+        return str(error.strerror)
+    lines = str(error).strip().splitlines()
+    text = _DECORD_LOG_PREFIX.sub("", lines[0]) if lines else type(error).__name__
+    return text[:200]
+
+
+def sample_positions(available: int, num_frames: int) -> np.ndarray:
+    """Which of `available` frames (in time order) to keep: all if few, else evenly spread.
+
+    Each kept frame is the middle one of `num_frames` equal runs, so the samples sit at the
+    centres of equal sub-intervals of the span (time-uniform for constant frame rate).
+    """
+    if available <= num_frames:
+        return np.arange(available)
+    return ((np.arange(num_frames) + 0.5) * available / num_frames).astype(np.int64)
+
+
+def scaled_size(width: int, height: int, size: int, fit: Fit) -> tuple[int, int]:
+    """Decoder output size that keeps the aspect ratio before the square crop or pad."""
+    side = min(width, height) if fit == "crop" else max(width, height)
+    scale = size / side
+    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    if fit == "crop":
+        w, h = max(w, size), max(h, size)
+    else:
+        w, h = min(w, size), min(h, size)
+    return w, h
+
+
+def square_crop(frame: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop (if larger) and centre-pad with black (if smaller) to (size, size, 3)."""
+    h, w = frame.shape[:2]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    frame = frame[top : top + size, left : left + size]
+    h, w = frame.shape[:2]
+    if (h, w) == (size, size):
+        return frame
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    top, left = (size - h) // 2, (size - w) // 2
+    out[top : top + h, left : left + w] = frame
+    return out
 
 
 def _pack(frames: list[np.ndarray], num_frames: int, size: int) -> Clip:

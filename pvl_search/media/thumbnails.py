@@ -1,6 +1,6 @@
 """A segment's thumbnail: one of the frames the encoder already decoded, as a small JPEG.
 
-The indexer keeps one per segment (see indexer/thumbnail_store.py); taking it from the
+The indexer keeps one per segment (see indexer/store/thumbnails.py); taking it from the
 clip's frames costs a JPEG encode, never a second decode. The frames are the model's
 input (square, `frame_size` pixels, centre-cropped), so a thumbnail shows what the model saw.
 """

@@ -15,14 +15,10 @@ themselves live in decoders.py.
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
 
 import torch  # first, as always: decoders.py imports decord, and decord before torch can crash (dmlc/decord #251)
 
@@ -31,6 +27,10 @@ import av
 import numpy as np
 
 from pvl_search.media.backends import BACKENDS, Backend
+from pvl_search.media.decoders import FileReaders, image_clips, open_pyav
+
+# Re-exported ("x as x") from the readers: callers pick and size frames as they do (scene labels, benchmarks).
+from pvl_search.media.types import Clip, Fit, Span, VideoDecodeError, VideoInfo
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (
     ".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".mpg", ".mpeg", ".ts", ".wmv", ".flv",
@@ -44,64 +44,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DEFAULT_NUM_FRAMES = 8  # the paper's frames per video (ModelConfig.frames)
 DEFAULT_SIZE = 384  # the paper's frame size (ModelConfig.frame_size)
-
-# Segments: 8 frames over 10 s is 0.8 frames/s, about the density the paper samples MSR-VTT
-# clips at (8 frames over 10-30 s), and 10 s is the length of a one-sentence event. A 5 s
-# stride (half a window) puts every event of up to 5 s wholly inside some window. Clips of
-# 10 s or less stay one segment; an hour of film becomes about 720 segments.
-DEFAULT_WINDOW_S = 10.0
-DEFAULT_STRIDE_S = 5.0
-
-Span = tuple[float, float]  # [start, end) in seconds from the start of the video
-Fit = Literal["crop", "pad"]
-
-
-@dataclass(frozen=True)
-class Windows:
-    """Cut the video into `segment_spans(duration, window_s, stride_s)`: spans decided by the
-    decoding process itself, which reads the duration (the indexer never opens a file in its
-    own process, where a bad file could crash it)."""
-
-    window_s: float = 10.0
-    stride_s: float = 5.0
-
-# Formats ffmpeg will "decode" from files that are not videos (tty renders text as ANSI art).
-_NOT_VIDEO_FORMATS = {"tty"}
-
-
-class VideoDecodeError(Exception):
-    """The one error for a file that cannot be decoded, whatever the reason or the backend.
-
-    Callers (the indexer, the CLI) report `str(error)` = "path: reason" and go on with the
-    next file. Picklable, so worker processes can send it back.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
-        super().__init__(str(path), reason)
-        self.path = str(path)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    """What the container header says (no frame is decoded to get it)."""
-
-    duration: float  # seconds; 0.0 for an image
-    fps: float  # average frame rate; 0.0 for an image
-    width: int
-    height: int
-    num_frames: int  # from the header, or duration x fps where the container has no count
-
-
-class Clip(NamedTuple):
-    """Decoded frames of one span: unpacks as `frames, mask = clip`."""
-
-    frames: np.ndarray  # (F, S, S, 3) uint8 RGB; padding frames are black
-    mask: np.ndarray  # (F,) bool; False marks a padding frame
-
 
 def is_image(path: str | os.PathLike[str]) -> bool:
     """Whether `path` is read as a still image (a 1-frame video), by its extension."""
@@ -140,38 +82,6 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
     path = check_readable(path)
     with open_pyav(path) as container:
         return _pyav_info(path, container)
-
-
-def segment_spans(
-    duration: float, window_s: float = DEFAULT_WINDOW_S, stride_s: float = DEFAULT_STRIDE_S
-) -> list[Span]:
-    """Cut [0, duration] into windows of `window_s` seconds at most `stride_s` apart.
-
-    A video no longer than one window is one span covering all of it. Longer videos get
-    ceil((duration - window) / stride) + 1 windows spread evenly, so the first starts at 0,
-    the last ends exactly at `duration`, and no window is a near-copy of its neighbour (as a
-    fixed stride plus one extra window snapped to the end would give).
-    """
-    if window_s <= 0 or stride_s <= 0:
-        raise ValueError(f"window_s and stride_s must be positive, got {window_s}, {stride_s}")
-    if duration <= window_s:
-        return [(0.0, float(max(duration, 0.0)))]
-    count = math.ceil((duration - window_s) / stride_s - 1e-9) + 1
-    step = (duration - window_s) / (count - 1)
-    return [(i * step, i * step + window_s) for i in range(count - 1)] + [
-        (duration - window_s, float(duration))
-    ]
-
-
-def sample_positions(available: int, num_frames: int) -> np.ndarray:
-    """Which of `available` frames (in time order) to keep: all if few, else evenly spread.
-
-    Each kept frame is the middle one of `num_frames` equal runs, so the samples sit at the
-    centres of equal sub-intervals of the span (time-uniform for constant frame rate).
-    """
-    if available <= num_frames:
-        return np.arange(available)
-    return ((np.arange(num_frames) + 0.5) * available / num_frames).astype(np.int64)
 
 
 def read_clip(
@@ -234,10 +144,6 @@ def iter_clips(
     path = check_readable(path)
     with open_pyav(path) as container:
         info = _pyav_info(path, container)
-    # decoders.py builds on this module's types, so it cannot be imported at the top; the
-    # decode pool preloads it in its forkserver all the same.
-    from pvl_search.media.decoders import FileReaders, image_clips
-
     if is_image(path):
         yield from image_clips(path, len(spans) if spans else 1, num_frames, size, fit)
         return
@@ -268,18 +174,6 @@ def to_model_input(frames: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, 
 # --- internals ---------------------------------------------------------------------------
 
 
-def open_pyav(path: Path) -> av.container.InputContainer:
-    """Open with PyAV, turning every failure into VideoDecodeError."""
-    try:
-        container = av.open(str(path), "r")
-    except (av.error.FFmpegError, OSError) as error:
-        raise VideoDecodeError(path, f"not a readable video: {short_error(error)}") from None
-    if container.format.name in _NOT_VIDEO_FORMATS or not container.streams.video:
-        container.close()
-        raise VideoDecodeError(path, "no video stream")
-    return container
-
-
 def _pyav_info(path: Path, container: av.container.InputContainer) -> VideoInfo:
     stream = container.streams.video[0]
     width, height = stream.codec_context.width, stream.codec_context.height
@@ -301,41 +195,3 @@ def _pyav_info(path: Path, container: av.container.InputContainer) -> VideoInfo:
     if duration <= 0:
         duration = num_frames / fps
     return VideoInfo(duration=duration, fps=fps, width=width, height=height, num_frames=num_frames)
-
-
-_DECORD_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Error: )?")
-
-
-def short_error(error: BaseException) -> str:
-    """One short line for an error: no errno, no repeated file name, no decord log prefix."""
-    if isinstance(error, (av.error.FFmpegError, OSError)) and error.strerror:
-        return str(error.strerror)
-    lines = str(error).strip().splitlines()
-    text = _DECORD_LOG_PREFIX.sub("", lines[0]) if lines else type(error).__name__
-    return text[:200]
-
-
-def scaled_size(width: int, height: int, size: int, fit: Fit) -> tuple[int, int]:
-    """Decoder output size that keeps the aspect ratio before the square crop or pad."""
-    side = min(width, height) if fit == "crop" else max(width, height)
-    scale = size / side
-    w, h = max(1, round(width * scale)), max(1, round(height * scale))
-    if fit == "crop":
-        w, h = max(w, size), max(h, size)
-    else:
-        w, h = min(w, size), min(h, size)
-    return w, h
-
-
-def square_crop(frame: np.ndarray, size: int) -> np.ndarray:
-    """Centre-crop (if larger) and centre-pad with black (if smaller) to (size, size, 3)."""
-    h, w = frame.shape[:2]
-    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
-    frame = frame[top : top + size, left : left + size]
-    h, w = frame.shape[:2]
-    if (h, w) == (size, size):
-        return frame
-    out = np.zeros((size, size, 3), dtype=np.uint8)
-    top, left = (size - h) // 2, (size - w) // 2
-    out[top : top + h, left : left + w] = frame
-    return out

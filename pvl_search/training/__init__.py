@@ -1,1 +1,2 @@
-"""Training: objectives, the loop, recipes, data sets of (video, caption) pairs, CLIP initialisation."""
+"""Training: the losses (declared in loss_weights.py, computed in losses.py), the loop, validation
+and linear probes, recipes, CLIP initialisation."""

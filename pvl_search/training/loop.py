@@ -1,6 +1,6 @@
 """Training loop: AdamW, warm-up + cosine schedule, gradient clipping, LayerDrop (in the
-model), safetensors checkpoints with resumable optimizer state, per-epoch validation that
-keeps the best checkpoint, and a JSON-lines log."""
+model), safetensors checkpoints with resumable optimizer state, per-epoch validation
+(validation.py) that keeps the best checkpoint, and a JSON-lines log."""
 
 from __future__ import annotations
 
@@ -13,20 +13,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-import numpy as np
 import torch
 
+from pvl_search.data.pairs import PairSet
 from pvl_search.data.scene_stream import SceneStream
-from pvl_search.metrics import RetrievalMetrics, group_metrics, ranks_from_scores, retrieval_metrics
 from pvl_search.model.checkpoint import save_model
 from pvl_search.model.perceiver import PerceiverVL
-from pvl_search.ranking import fuse, ranks_after_rerank
 from pvl_search.training.attribute_heads import AttributeHeads
-from pvl_search.training.losses import LossOutput, LossWeights, compute_losses
+from pvl_search.training.loss_weights import LossWeights
+from pvl_search.training.losses import LossOutput, compute_losses
 from pvl_search.training.negative_bank import NegativeBank
-from pvl_search.training.pairs import PairSet
 from pvl_search.training.train_setup import check_options, make_optimizer, training_parameters
 from pvl_search.training.train_state import has_checkpoint, restore_checkpoint, rewind_log, write_checkpoint
+from pvl_search.training.validation import ValidationResult, evaluate, probe_summary
 
 
 @dataclass
@@ -53,25 +52,17 @@ class TrainConfig:
     losses: LossWeights = field(default_factory=LossWeights)
     device: str = "cpu"
     val_every: int = 1  # epochs between validations (the last epoch is always validated)
-    # A curriculum: before this epoch only the attribute losses train (retrieval and reranking
-    # losses off), so the encoders learn shape, motion and order before a contrastive loss can
-    # settle on colour alone. 0 = every loss from the start.
+    # A curriculum: before this epoch only the attribute losses train (those declared
+    # first_phase in loss_weights.py; retrieval and reranking losses off), so the encoders learn
+    # shape, motion and order before a contrastive loss can settle on colour alone. 0 = every
+    # loss from the start.
     retrieval_from: int = 0
-    # Linear probes at each validation (pvl_search.experiments.probes): fitted on this many training
+    # Linear probes at each validation (pvl_search.training.probes): fitted on this many training
     # videos' embeddings, scored on the validation videos; 0 = off. Needs scene labels.
     probe_videos: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class ValidationResult:
-    epoch: int
-    multi: RetrievalMetrics  # multi-stream embeddings alone
-    mixed: RetrievalMetrics  # mixed-stream decoder alone, over every video
-    reranked: RetrievalMetrics  # the search default: multi top-k, re-scored by similarity + mixed logit
-    groups: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> twin-group metrics
 
 
 @dataclass
@@ -117,85 +108,11 @@ def epoch_batches(
         yield order[start : start + batch_size]
 
 
-@torch.no_grad()
-def score_matrices(
-    model: PerceiverVL, data: PairSet, *, batch_size: int = 32, device: str = "cpu"
-) -> tuple[dict[str, np.ndarray], list[int]]:
-    """Every caption of `data` against every video, (captions, videos) each: "multi"
-    (multi-stream similarity), "mixed" (the [CLS] decoder's logits) and, when the model has
-    one, "latent" (the latent reranker's logits); and each caption's video index."""
-    model.eval()
-    g = torch.Generator().manual_seed(0)
-    embeddings, states, latents = [], [], []
-    for start in range(0, len(data), batch_size):
-        frames, masks, _ = data.batch(range(start, min(len(data), start + batch_size)), g)
-        out = model.encode_video(frames.to(device), masks.to(device))
-        embeddings.append(out.embedding)
-        states.append(model.rerank_state(out.latents))
-        latents.append(out.latents)
-    video_embedding, video_states, video_latents = torch.cat(embeddings), torch.cat(states), torch.cat(latents)
-    ids, owners = data.all_captions()
-    parts: dict[str, list[torch.Tensor]] = {"multi": [], "mixed": []}
-    if model.latent_reranker is not None:
-        parts["latent"] = []
-    for start in range(0, len(ids), batch_size):
-        text = model.encode_text(ids[start : start + batch_size].to(device))
-        parts["multi"].append(text.embedding @ video_embedding.T)
-        parts["mixed"].append(model.mixed_scores(model.rerank_state(text.latents), video_states))
-        if "latent" in parts:  # a few queries at a time: the pair tensor is (Q, V, H, N, N)
-            parts["latent"].append(torch.cat([model.latent_scores(text.latents[i : i + 4], video_latents)
-                                              for i in range(0, len(text.latents), 4)]))
-    return {name: torch.cat(p).float().cpu().numpy() for name, p in parts.items()}, owners
-
-
-def evaluate(
-    model: PerceiverVL, data: PairSet, *, batch_size: int = 32, device: str = "cpu", rerank_k: int = 16,
-    groups: dict[str, dict[str, float]] | None = None,
-) -> dict[str, RetrievalMetrics]:
-    """Text-to-video R@K over `data`, every caption a query: "multi" (embedding dot product),
-    "mixed" (factorised decoder over all videos), "reranked" (multi-stream top `rerank_k`
-    re-scored by similarity + mixed logit, as `pvl-search search` does by default) and, with a
-    latent reranker, "latent" and "latent_reranked" likewise.
-
-    With `groups` (a dict to fill), each method's twin-group metrics go there too."""
-    scores, owners = score_matrices(model, data, batch_size=batch_size, device=device)
-    multi = scores["multi"]
-    if groups is not None:
-        groups.update({name: group_metrics(s, owners, data.groups) for name, s in scores.items()})
-    result = {name: retrieval_metrics(ranks_from_scores(s, owners)) for name, s in scores.items()}
-    scale = model.retrieval_scale  # the search default's fusion (pvl_search.ranking.fuse)
-    result["reranked"] = retrieval_metrics(
-        ranks_after_rerank(multi, fuse(multi, scores["mixed"], "calibrated", scale), owners, rerank_k))
-    if "latent" in scores:
-        result["latent_reranked"] = retrieval_metrics(
-            ranks_after_rerank(multi, fuse(multi, scores["latent"], "calibrated", scale), owners, rerank_k))
-    return result
-
-
-def attributes_only(weights: LossWeights) -> LossWeights:
-    """The curriculum's first phase: the same attribute weights, every other loss off."""
-    return LossWeights(contrastive=0.0, mixed_vtm=0.0, mixed_nce=0.0, single_vtm=0.0, mlm=0.0, latent_nce=0.0,
-                       attributes=weights.attributes, token_attributes=weights.token_attributes,
-                       order_attributes=weights.order_attributes,
-                       shape_motion_attributes=weights.shape_motion_attributes)
-
-
 def selection_metric(cfg: TrainConfig) -> str:
     """The validation metric whose R@1 picks the best checkpoint."""
     if cfg.losses.latent_nce:
         return "latent_reranked"
     return "reranked" if cfg.losses.mixed_vtm or cfg.losses.mixed_nce else "multi"
-
-
-def _probe_summary(model: PerceiverVL, train_data: PairSet, val_data: PairSet, videos: int) -> dict:
-    """Per-attribute probe accuracy of both embeddings, fitted on `videos` training videos."""
-    from pvl_search.experiments.probes import probe_features, run_probes
-    from pvl_search.training.pairs import subset
-
-    report = run_probes(probe_features(model, subset(train_data, range(min(videos, len(train_data))))),
-                        probe_features(model, val_data), features=("video_embedding", "text_embedding"))
-    keep = ("colour", "shape", "size", "motion", "shape_by_time", "motion_by_time", "order", "binding")
-    return {feature: {k: round(row[k], 3) for k in keep} for feature, row in report.items() if feature != "chance"}
 
 
 def train(
@@ -330,13 +247,13 @@ def _batch_losses(run: _TrainRun, data: PairSet, epoch: int, indices: list[int],
     cfg, device = run.cfg, run.device
     frames, masks, ids = batch
     batch_groups = data.group_ids(indices).to(device) if cfg.rerank_only_groups else None
-    weights = cfg.losses if epoch >= cfg.retrieval_from else attributes_only(cfg.losses)
+    weights = cfg.losses if epoch >= cfg.retrieval_from else cfg.losses.in_first_phase()
     labels = data.labels_of(indices) if run.heads is not None else None
     dense_labels = data.token_labels_of(indices) if cfg.losses.token_attributes else None
     return compute_losses(run.model, frames.to(device), masks.to(device), ids.to(device), weights,
-                          batch_groups, run.bank, torch.tensor(indices), cfg.mined_negatives,
-                          None if labels is None else labels.to(device), run.heads,
-                          None if dense_labels is None else dense_labels.to(device))
+                          groups=batch_groups, bank=run.bank, rows=torch.tensor(indices), mined=cfg.mined_negatives,
+                          attribute_labels=None if labels is None else labels.to(device), heads=run.heads,
+                          token_labels=None if dense_labels is None else dense_labels.to(device))
 
 
 def _end_epoch(run: _TrainRun, data: PairSet, val_data: PairSet | None, epoch: int) -> None:
@@ -362,7 +279,7 @@ def _validate(run: _TrainRun, data: PairSet, val_data: PairSet, epoch: int) -> d
     record: dict = {f"val_{name}": metrics.to_dict() for name, metrics in val.items()}
     record["val_groups"] = twins
     if cfg.probe_videos and data.labels is not None and val_data.labels is not None:
-        record["val_probes"] = _probe_summary(model, data, val_data, cfg.probe_videos)
+        record["val_probes"] = probe_summary(model, data, val_data, cfg.probe_videos)
     # Keep what a search will use: reranked results once the mixed head is trained.
     r1 = val[selection_metric(cfg)].r1
     if r1 > run.best_r1:

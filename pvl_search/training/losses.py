@@ -1,5 +1,11 @@
-"""Training objectives: video-text contrastive (multi-stream), VTM with hard negatives
-(mixed-stream, optionally single-stream) and masked language modelling through the decoder."""
+"""Training objectives, computed on one batch by `compute_losses`: video-text contrastive
+(multi-stream), VTM with hard negatives (mixed-stream, and single-stream through the joint
+encoder), the listwise mixed-stream loss (optionally with negatives mined from a bank), the
+latent reranker's listwise loss, masked language modelling through the decoder, and the
+attribute losses: attribute heads on both embeddings, the same heads focused on the order or
+the shape and motion labels, and dense heads on the video input tokens.
+
+Each loss and its weight is declared once, in loss_weights.py (LossWeights, LOSSES)."""
 
 from __future__ import annotations
 
@@ -15,41 +21,15 @@ from pvl_search.model.config import CLIP_VOCAB_SIZE
 from pvl_search.model.embeddings import PAD_ID
 from pvl_search.model.perceiver import Encoding, PerceiverVL
 from pvl_search.training.attribute_heads import AttributeHeads
+from pvl_search.training.loss_weights import LossWeights
 from pvl_search.training.negative_bank import NegativeBank
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    contrastive: float = 1.0
-    mixed_vtm: float = 1.0
-    # Listwise mixed-stream loss: InfoNCE over the full B x B matrix of mixed-stream VTM
-    # logits. The factorised decoder makes that matrix cheap (one MLP per pair), and it gives
-    # the VTM head B - 1 negatives per query instead of one sampled pair.
-    mixed_nce: float = 0.0
-    single_vtm: float = 0.0  # the joint encoder costs one more pass per pair
-    mlm: float = 0.0
-    mlm_probability: float = 0.15
-    # Listwise loss of the latent reranker (config.latent_reranker) over all in-batch pairs.
-    latent_nce: float = 0.0
-    # Auxiliary attribute heads on both embeddings (pvl_search.training.attribute_heads); needs scene labels.
-    attributes: float = 0.0
-    # Dense heads on the video input tokens: each patch's shape and motion; needs scene labels.
-    token_attributes: float = 0.0
-    # The attribute heads again, on the labels that need event order only (ORDER_LABELS).
-    # Twins as in-batch negatives ask both encoders for order at once, and neither starts
-    # with it: a saddle the contrastive losses did not leave in hours. Asked directly, each
-    # encoder learns order in a few hundred steps.
-    order_attributes: float = 0.0
-    # The same again for the shape and motion labels (SHAPE_MOTION_LABELS): among all the
-    # attribute labels their push was too weak for the video tower to keep shape.
-    shape_motion_attributes: float = 0.0
-
 
 # Each focused attribute loss: the attribute heads again, on a subset of the labels.
 FOCUSED_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "order_attributes": ORDER_LABELS,
     "shape_motion_attributes": SHAPE_MOTION_LABELS,
 }
+
 
 @dataclass
 class LossOutput:
@@ -130,6 +110,7 @@ def compute_losses(
     frame_mask: Tensor | None,
     token_ids: Tensor,
     weights: LossWeights = LossWeights(),
+    *,
     groups: Tensor | None = None,
     bank: NegativeBank | None = None,
     rows: Tensor | None = None,
@@ -149,7 +130,10 @@ def compute_losses(
     with this batch.
 
     `attribute_labels` (B, len(scene_labels.LABELS)) with `heads`: the attribute loss, on the video
-    and the caption embedding alike."""
+    and the caption embedding alike.
+
+    A loss runs when `weights` gives it a weight (not 0); each part is named after its
+    declared loss (loss_weights.py) and enters the total times that weight."""
     b = token_ids.shape[0]
     video = model.encode_video(frames, frame_mask, keep_inputs=bool(weights.token_attributes))
     text = model.encode_text(token_ids)
@@ -169,18 +153,10 @@ def compute_losses(
         parts["single_vtm"] = _single_vtm_loss(model, frames, frame_mask, token_ids, pairs)
     if weights.mlm:
         parts["mlm"] = _mlm_loss(model, token_ids, weights.mlm_probability)
-    sides: dict[str, Tensor] = {}
-    if weights.attributes:
-        sides = _attribute_sides(video, text, attribute_labels, heads)
-        parts["attributes"] = (sides["attributes_video"] + sides["attributes_text"]) / 2
-    for name, labels in FOCUSED_ATTRIBUTES.items():
-        if getattr(weights, name):
-            focused = _attribute_sides(video, text, attribute_labels, heads, only=labels)
-            parts[name] = (focused["attributes_video"] + focused["attributes_text"]) / 2
-    if weights.token_attributes:
-        parts["token_attributes"] = _token_attribute_loss(video, frame_mask, token_labels, heads)
+    attribute_parts, sides = _attribute_losses(video, text, frame_mask, weights, attribute_labels, heads, token_labels)
+    parts |= attribute_parts
     for name, value in parts.items():
-        total = total + getattr(weights, name) * value
+        total = total + weights.weight(name) * value
     logged = {k: float(v.detach()) for k, v in parts.items()}
     logged |= {k: float(v.detach()) for k, v in sides.items()}  # which side is behind
     return LossOutput(total, logged, similarity.detach())
@@ -233,6 +209,26 @@ def _mlm_loss(model: PerceiverVL, token_ids: Tensor, probability: float) -> Tens
     latents = model.encode_text(token_ids, replace_mask=masked).latents
     vocab = model.mlm_logits(latents, masked)  # (B, L, V)
     return F.cross_entropy(vocab[masked].float(), token_ids[masked])
+
+
+def _attribute_losses(
+    video: Encoding, text: Encoding, frame_mask: Tensor | None, weights: LossWeights,
+    attribute_labels: Tensor | None, heads: AttributeHeads | None, token_labels: Tensor | None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The weighted attribute losses (all labels, each focus of FOCUSED_ATTRIBUTES, the dense
+    patch heads), and the all-labels loss on each side alone, for the log."""
+    parts: dict[str, Tensor] = {}
+    sides: dict[str, Tensor] = {}
+    if weights.attributes:
+        sides = _attribute_sides(video, text, attribute_labels, heads)
+        parts["attributes"] = (sides["attributes_video"] + sides["attributes_text"]) / 2
+    for name, labels in FOCUSED_ATTRIBUTES.items():
+        if weights.weight(name):
+            focused = _attribute_sides(video, text, attribute_labels, heads, only=labels)
+            parts[name] = (focused["attributes_video"] + focused["attributes_text"]) / 2
+    if weights.token_attributes:
+        parts["token_attributes"] = _token_attribute_loss(video, frame_mask, token_labels, heads)
+    return parts, sides
 
 
 def _attribute_sides(

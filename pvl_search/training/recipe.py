@@ -13,14 +13,11 @@ from pathlib import Path
 
 import torch
 
-from pvl_search.data.captions import load_captions
-from pvl_search.data.scene_labels import label_maps
+from pvl_search.data.pairs import load_pair_sets
 from pvl_search.data.scene_stream import SceneStream, StreamSpec
 from pvl_search.model.config import ModelConfig
 from pvl_search.model.perceiver import PerceiverVL
-from pvl_search.model.tokenizer import Tokenizer
 from pvl_search.training.loop import ProgressFn, TrainConfig, TrainResult, train
-from pvl_search.training.pairs import PairSet, build_frame_cache
 from pvl_search.training.train_state import has_checkpoint
 
 
@@ -40,40 +37,6 @@ class RunSummary:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def load_pair_sets(
-    captions_path: str | Path,
-    config: ModelConfig,
-    cache_dir: Path,
-    *,
-    limit: int | None = None,
-    cache_progress: Callable[[int, int], None] | None = None,
-    splits: tuple[str, ...] = ("train", "val"),
-) -> tuple[dict[str, PairSet], dict[str, str]]:
-    """The train and val splits of a captions file over one frame cache, and the videos
-    that failed to decode. A record's meta["group"] (e.g. a synthetic twin group) becomes
-    its PairSet group, for group-aware batches."""
-    records = load_captions(captions_path)
-    by_split = {split: [r for r in records if r.split == split][:limit] for split in splits}
-    for split in splits:
-        if not by_split[split]:
-            raise ValueError(f"{captions_path}: no videos in the {split} split")
-    items = [(r.video_id, str(r.path)) for rs in by_split.values() for r in rs]
-    cache, failed = build_frame_cache(
-        items, cache_dir, frames=config.frames, size=config.frame_size, progress=cache_progress
-    )
-    tokenizer = Tokenizer(config.text_length)
-    datasets = {}
-    for split, rs in by_split.items():
-        # Records of the synthetic benchmark carry their scene: labels for the attribute losses.
-        synthetic = bool(rs) and all("scene" in r.meta for r in rs)
-        labels, dense = (label_maps({r.video_id: r.meta["scene"] for r in rs}, config.frames, config.frame_size,
-                                    config.patch) if synthetic else (None, None))
-        datasets[split] = PairSet(cache, {r.video_id: r.captions for r in rs}, tokenizer,
-                                  groups={r.video_id: str(r.meta["group"]) for r in rs if "group" in r.meta},
-                                  labels=labels, token_labels=dense)
-    return datasets, failed
 
 
 @dataclass

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pvl_search.data.pairs import PairSet
 from pvl_search.data.scene_stream import SceneStream
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.training.attribute_heads import AttributeHeads
 from pvl_search.training.losses import FOCUSED_ATTRIBUTES
-from pvl_search.training.pairs import PairSet
 
 if TYPE_CHECKING:  # loop imports this module
     from pvl_search.training.loop import TrainConfig
@@ -28,7 +28,7 @@ def check_options(
     """Refuse option combinations that cannot train, before anything is set up."""
     if len(train_data) < cfg.batch_size:
         raise ValueError(f"{len(train_data)} training videos is fewer than one batch of {cfg.batch_size}")
-    if cfg.retrieval_from and not (uses_attribute_heads(cfg) or cfg.losses.token_attributes):
+    if cfg.retrieval_from and not cfg.losses.in_first_phase().weighted():
         raise ValueError("a curriculum (retrieval from a later epoch) needs attribute losses to train before it")
     if cfg.losses.latent_nce and model.latent_reranker is None:
         raise ValueError("the latent reranker's loss needs a model with one (--latent-reranker)")

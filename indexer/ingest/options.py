@@ -1,0 +1,56 @@
+"""What an indexing run is told (`IndexOptions`), what it reports while it runs
+(`IndexProgress`) and what it reports at the end (`IndexSummary`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pvl_search.media.backends import Backend
+from pvl_search.media.windows import DEFAULT_STRIDE_S, DEFAULT_WINDOW_S
+
+if TYPE_CHECKING:
+    from indexer.ingest.ray_producer import RayOptions
+
+
+@dataclass(kw_only=True)
+class IndexOptions:
+    window_s: float = DEFAULT_WINDOW_S  # segment length; shorter videos are one segment
+    stride_s: float = DEFAULT_STRIDE_S  # at most this far between segment starts
+    batch_size: int = 8  # clips per encoder call
+    workers: int = 2  # decoder processes
+    timeout_s: float = 60.0  # a decoder making no progress this long is killed
+    backend: Backend = "auto"
+    # Keep the full N x D latents per segment; None: when the model has a latent reranker
+    # (which reads them at search time), or as an existing index already does.
+    store_latents: bool | None = None
+    faiss_factory: str | None = None  # None: exact, switching to IVF past a size threshold
+    retry_failed: bool = False  # try files that failed before even if they did not change
+    save_every: int = 200  # videos between vector-index saves (it is derived: only restart cost)
+    thumbnails: bool = True  # a small JPEG per segment, from the frames the encoder decoded
+    vectors: str | None = None  # "faiss" or "milvus:URI"; None: what the index records (store/vectors/choice.py)
+    ray: RayOptions | None = None  # decode + encode on a Ray cluster (ingest/ray_producer.py)
+
+
+@dataclass
+class IndexProgress:
+    done: int  # videos finished (indexed or failed) in this run
+    total: int  # videos to process in this run
+    segments: int  # segments written so far
+    path: str  # the video just finished
+
+
+@dataclass
+class IndexSummary:
+    scanned: int = 0
+    indexed: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    segments: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # path (as shown) -> reason
+    seconds: float = 0.0
+    thumbnails_added: int = 0  # thumbnails made for segments indexed without them
+    dtype: str = "float32"  # what the model ran in (indexer/precision.py)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -1,0 +1,130 @@
+"""The one writer of an indexing run: it alone touches the index while producers decode and
+encode. It checks (or records) the model, records what the plan found gone or unreadable,
+writes each produced video as one atomic unit (with its thumbnails) or records its failure,
+notes each dtype before its first segment commits, and decides when the vector index is saved."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from indexer.encoding import ModelRunner
+from indexer.errors import IndexStoreError
+from indexer.ingest.options import IndexOptions, IndexProgress, IndexSummary
+from indexer.ingest.planning import Plan
+from indexer.ingest.produced import EncodedVideo, FailedVideo, Produced
+from indexer.paths import shown
+from indexer.store.index_store import IndexStore
+from indexer.store.records import IndexLayout, SegmentInfo, VideoMeta
+from indexer.store.vectors.choice import resolve_vectors
+
+
+class RunWriter:
+    """Writes one indexing run into `store`; `progress` hears of every finished file."""
+
+    def __init__(self, store: IndexStore, progress: Callable[[IndexProgress], None] | None = None) -> None:
+        self.store = store
+        self.summary = IndexSummary()
+        self._progress = progress
+        self._total = 0
+        self._backfilled = 0  # videos whose missing thumbnails were made in this run
+        self._written = 0
+        self._dtypes: set[str] = set()
+
+    def prepare(self, runner: ModelRunner, options: IndexOptions) -> IndexOptions:
+        """Record the model and layout on a new index, or check them on an existing one; returns
+        the options with `store_latents` resolved (the producers need it)."""
+        store, config = self.store, runner.config
+        keep_latents = options.store_latents
+        if keep_latents is None:
+            keep_latents = config.latent_reranker if store.layout is None else store.layout.keeps_latents
+            options = dataclasses.replace(options, store_latents=keep_latents)
+        layout = IndexLayout(
+            config.embed_dim,
+            config.rerank_state_width,
+            (config.latents, config.hidden) if keep_latents else None,
+            options.faiss_factory,
+            resolve_vectors(options.vectors, store.layout),
+        )
+        if store.layout is None:
+            store.set_model(config.to_json(), runner.fingerprint, layout)
+        else:
+            store.check_model(config.to_json(), runner.fingerprint)
+            if store.layout.keeps_latents != keep_latents:
+                keeps = "keeps" if store.layout.keeps_latents else "does not keep"
+                raise IndexStoreError(f"index {store.directory} {keeps} latents; "
+                                      f"{'add' if store.layout.keeps_latents else 'drop'} --store-latents")
+        return options
+
+    def start(self, planned: Plan, dtype: str) -> list[SegmentInfo]:
+        """Files gone from disk are marked removed, unreadable entries failed; `dtype` is noted
+        when there is anything to encode. Returns the live segments without a thumbnail."""
+        self.summary = IndexSummary(scanned=planned.scanned, unchanged=planned.unchanged, dtype=dtype)
+        for path in planned.gone:
+            self.store.mark_removed(path)
+            self.summary.removed += 1
+        for entry in planned.bad:
+            self.store.mark_failed(str(entry.path), entry.reason, entry.stat)
+            self.summary.failed[shown(entry.path)] = entry.reason
+        # Before anything is added: row ids of an add a crash cut short are reused, so their
+        # leftover thumbnails must go first. Changed files get new segments (and thumbnails).
+        missing = self.store.sync_thumbnails()
+        if planned.todo:  # recorded before the first segment of this dtype is committed
+            self._note_dtype(dtype)
+        return missing
+
+    def expect(self, total: int) -> None:
+        """How many files this run will report (for the progress bar)."""
+        self._total = total
+
+    def write(self, item: Produced, options: IndexOptions) -> None:
+        """Store one produced file: an encoded video as one atomic unit, or its failure."""
+        if isinstance(item, FailedVideo):
+            self.store.mark_failed(item.path, item.reason, item.stat, item.fingerprint)
+            self.summary.failed[shown(item.path)] = item.reason
+            self._report(item.path)
+            return
+        self._note_dtype(item.dtype)  # a Ray GPU worker may run in another dtype than this machine
+        self._add(item, options)
+        self.summary.indexed += 1
+        self.summary.segments += len(item.embeddings)
+        self._written += 1
+        if self._written % options.save_every == 0:
+            self.store.save_vectors()
+        self._report(item.path)
+
+    def write_thumbnails(self, path: str, ids: list[int], images: list[bytes | None] | None) -> None:
+        """A video's backfilled thumbnails (None: it could not be decoded; the next run tries again)."""
+        if images is not None:
+            self.summary.thumbnails_added += self.store.thumbnails.write(ids, images)
+        self._backfilled += 1
+        self._report(path)
+
+    def save(self) -> None:
+        """Save the vector index (after the new videos, before the thumbnail pass, and at the end)."""
+        self.store.save_vectors()
+
+    def _note_dtype(self, dtype: str) -> None:
+        if dtype not in self._dtypes:
+            self._dtypes.add(dtype)
+            self.store.record_dtype(dtype)
+
+    def _add(self, video: EncodedVideo, options: IndexOptions) -> None:
+        info = video.info
+        spans = video.spans or [(0.0, float(info.duration or 0.0) if info else 0.0)]
+        self.store.add_video(
+            video.path,
+            video.stat,
+            video.fingerprint,
+            VideoMeta(info.duration, info.fps, info.width, info.height) if info else VideoMeta(),
+            spans,
+            video.embeddings,
+            video.rerank_states,
+            video.latents if options.store_latents else None,
+            thumbnails=video.thumbnails if options.thumbnails else None,
+        )
+
+    def _report(self, path: str) -> None:
+        if self._progress:
+            done = self.summary.indexed + len(self.summary.failed) + self._backfilled
+            self._progress(IndexProgress(done, self._total, self.summary.segments, path))

@@ -1,0 +1,61 @@
+"""Which reranker a request gets and how it scores candidates from what the index stored: the
+one rule that the searcher, the server's gates and `eval` share.
+
+- ``auto`` resolves to the reranker the model's validation chose (its folder's
+  search_defaults.json) when this index can run it, else ``mixed``;
+- ``mixed`` scores from the stored rerank states (the paper's [CLS] decoder, factorised);
+- ``latent`` from the stored video latents (the query's latents attend over them);
+- ``single`` decodes every candidate again and runs the joint encoder (slow: its depth is
+  limited, and the server runs such requests one at a time).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from indexer.encoding import ModelRunner
+from indexer.search.request import DEFAULT_FUSION, DEFAULT_RERANK_K, SearchError, SearchRequest, check_rerank_depth
+from indexer.store.base import StoreBase
+
+
+def latent_rerank_available(runner: ModelRunner, store: StoreBase) -> bool:
+    """Whether the latent reranker can run: the model has one and the index keeps latents."""
+    return runner.model.latent_reranker is not None and store.layout.keeps_latents
+
+
+def rerank_mode(requested: str, runner: ModelRunner, store: StoreBase) -> str:
+    """The reranker a request gets (see the module doc); SearchError when `latent` is asked for
+    and cannot run here."""
+    latent_ok = latent_rerank_available(runner, store)
+    if requested == "auto":
+        chosen = runner.search_defaults.get("rerank", "mixed")
+        return chosen if chosen != "latent" or latent_ok else "mixed"
+    if requested == "latent" and not latent_ok:
+        why = "the model has no latent reranker" if runner.model.latent_reranker is None else \
+            "this index keeps no latents (index it with --store-latents)"
+        raise SearchError(f"rerank=latent is not available: {why}", "rerank")
+    return requested
+
+
+def with_model_defaults(request: SearchRequest, runner: ModelRunner, mode: str) -> SearchRequest:
+    """`request` with what it left open filled in from the model's search_defaults.json (else
+    the engine's defaults), and the depth checked against the reranker it resolves to."""
+    defaults = runner.search_defaults
+    rerank_k = request.rerank_k if request.rerank_k is not None else int(defaults.get("rerank_k", DEFAULT_RERANK_K))
+    fusion = request.fusion if request.fusion is not None else defaults.get("fusion", DEFAULT_FUSION)
+    check_rerank_depth(mode, rerank_k)
+    return SearchRequest(request.query, request.k, rerank_k, request.rerank, fusion, request.filters)
+
+
+def stored_scores(
+    runner: ModelRunner, store: StoreBase, mode: str, rerank_state: np.ndarray, latents: np.ndarray | None,
+    ids: np.ndarray,
+) -> np.ndarray:
+    """Rerank logits of one query against the segments `ids`, from what the index stored:
+    `mode` mixed (the query's rerank state, (D + H,)) or latent (its latents, (N, D))."""
+    if mode == "mixed":
+        states = store.rerank_states(ids)  # (K, D + H): read from the memory map
+        return runner.mixed_scores(rerank_state[None], states[None])[0]
+    if mode == "latent":
+        return runner.latent_scores(latents, store.latents(ids))  # (K, N, D) stored
+    raise ValueError(f"rerank mode {mode!r} does not score from stored rows")
