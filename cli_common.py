@@ -1,5 +1,6 @@
-"""What every command shares: the typer app, the consoles, the one-line failure, the common
-options (index folder, database, model, device, dtype, --json) and loading a model."""
+"""What every command shares: the typer app (its --help is cli_help.py), the consoles, the
+one-line failure, the common options (index folder, database, model, device, dtype, --json) and
+loading a model."""
 
 from __future__ import annotations
 
@@ -7,21 +8,40 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
+
+from cli_help import HelpApp, HelpGroup
 
 # light imports only: torch is not imported until a model loads
 from indexer.precision import DtypeChoice
 
-app = typer.Typer(
+app = HelpApp(
     name="pvl-search",
     help="Text-to-video search on Perceiver-VL: index a folder of videos, then query it in words.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=HelpGroup,
 )
 
 
-console = Console()
+# -- results on stdout ------------------------------------------------------------------------
+
+PIPE_WIDTH = 10_000  # the line length into a pipe or a file: a table is as wide as its cells
+
+
+class OutputConsole(Console):
+    """stdout. On a terminal rich fits tables to the terminal's width; into a pipe or a file
+    (COLUMNS notwithstanding) lines are as long as their content, so no table cell is cut or
+    wrapped. JSON is printed as it was: print_json never wraps."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(PIPE_WIDTH, size.height)
+
+
+console = OutputConsole()
 
 
 err_console = Console(stderr=True, soft_wrap=True)
@@ -54,7 +74,7 @@ IndexDir = Annotated[Path, typer.Option("--index", "-i",
     help="Index folder (SQLite database, FAISS and stores live here).")]
 
 
-DbUrl = Annotated[  # the timeouts are indexer.database.PG_*_TIMEOUT_S (a test keeps them equal)
+DbUrl = Annotated[  # the timeouts are indexer.store.database.PG_*_TIMEOUT_S (a test keeps them equal)
     str | None,
     typer.Option("--db", help="SQLAlchemy URL of the metadata database, e.g. postgresql+psycopg://u@host/db "
                  "(default: SQLite inside the index folder). PostgreSQL timeouts: connect 10 s, statement 60 s; "

@@ -1,6 +1,8 @@
 """How the command line shows results: rich tables and one-line summaries, built from the
 library's result objects. Pure formatting: nothing here reads files, computes or prints
-(cli.py prints what these return)."""
+(cli.py prints what these return). Every column folds: a cell too long for a narrow terminal
+goes on over more lines instead of ending in "…" (into a pipe or a file the console is wide
+enough that nothing folds: cli_common.OutputConsole)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ def profile_table(rows: list[Any], title: str) -> tuple[Table, str]:
     """The `profile` rows (pvl_search.model.profiling.ProfileRow) and the factorisation line."""
     table = Table(title=title)
     for column in ("component", "params (M)", "GFLOPs", "latency ms", "note"):
-        table.add_column(column, justify="left" if column in ("component", "note") else "right")
+        table.add_column(column, justify="left" if column in ("component", "note") else "right", overflow="fold")
     for row in rows:
         table.add_row(row.name, f"{row.params / 1e6:.1f}", f"{row.gflops:.4g}", f"{row.latency_ms:.3g}", row.note)
     by_name = {row.name: row for row in rows}
@@ -28,11 +30,11 @@ def profile_table(rows: list[Any], title: str) -> tuple[Table, str]:
 
 
 def status_table(stats: Any, index_dir: Path) -> Table:
-    """`status` (indexer.store_records.IndexStats)."""
+    """`status` (indexer.store.records.IndexStats)."""
     model, fingerprint = stats.model_config, stats.fingerprint
     table = Table(title=f"index {index_dir}", show_header=False)
-    table.add_column("what", style="bold")
-    table.add_column("value")
+    table.add_column("what", style="bold", overflow="fold")
+    table.add_column("value", overflow="fold")
     table.add_row("videos", ", ".join(f"{k} {v}" for k, v in stats.videos.items()))
     table.add_row("segments", f"{stats.segments} searchable, {stats.removed_segments} removed")
     table.add_row("vectors", f"{stats.vectors} ({stats.faiss})")
@@ -46,10 +48,10 @@ def status_table(stats: Any, index_dir: Path) -> Table:
 
 
 def search_table(result: Any, query: str, rerank: str) -> Table:
-    """`search` (indexer.searcher.SearchResult)."""
+    """`search` (indexer.search.searcher.SearchResult)."""
     table = Table(title=f"{query!r} ({rerank} rerank, {result.dtype}, {result.timings_ms['total']:.0f} ms)")
     for column in ("#", "score", "retrieval", "rerank", "moment", "path"):
-        table.add_column(column, justify="right" if column not in ("moment", "path") else "left")
+        table.add_column(column, justify="right" if column not in ("moment", "path") else "left", overflow="fold")
     for hit in result.hits:
         best = hit.best
         table.add_row(
@@ -64,7 +66,7 @@ def example_table(query: str, wanted: str, hits: list[Any]) -> Table:
     """One demo query: its top videos, the wanted one marked."""
     table = Table(title=f"{query!r}  (wanted: {Path(wanted).name})")
     for column in ("#", "score", "moment", "video"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for hit in hits:
         mark = " <- wanted" if hit.path == wanted else ""
         table.add_row(str(hit.rank), f"{hit.score:.2f}", f"{hit.best.start_s:.1f}-{hit.best.end_s:.1f} s",
@@ -75,9 +77,9 @@ def example_table(query: str, wanted: str, hits: list[Any]) -> Table:
 def synth_table(summary: Any) -> Table:
     """`synth` (pvl_search.data.synth.CorpusSummary): videos and hard-negative kinds per split."""
     table = Table(title=f"{summary.videos} videos in {summary.out_dir} ({summary.bytes_on_disk / 1e6:.1f} MB)")
-    table.add_column("")
+    table.add_column("", overflow="fold")
     for split in SPLIT_NAMES:
-        table.add_column(split, justify="right")
+        table.add_column(split, justify="right", overflow="fold")
     table.add_row("videos", *(str(summary.splits.get(sp, 0)) for sp in SPLIT_NAMES))
     for factor, counts in summary.factors.items():
         table.add_row(factor, *(str(counts.get(sp, 0)) for sp in SPLIT_NAMES))
@@ -87,9 +89,9 @@ def synth_table(summary: Any) -> Table:
 def probe_table(report: dict, fit_split: str, test_split: str, chance: dict) -> Table:
     """`probe`: accuracy per feature and attribute; `chance` is the chance row with its means."""
     table = Table(title=f"linear probe accuracy, fitted on {fit_split}, scored on {test_split}")
-    table.add_column("features")
+    table.add_column("features", overflow="fold")
     for column in PROBE_COLUMNS:
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")
     for feature, row in report.items():
         values = chance if feature == "chance" else row
         table.add_row(feature, *(f"{values[c]:.2f}" for c in PROBE_COLUMNS))
@@ -97,13 +99,13 @@ def probe_table(report: dict, fit_split: str, test_split: str, chance: dict) -> 
 
 
 def eval_tables(report: Any, title: str) -> list[Any]:
-    """`eval` and the demo (indexer.evaluation.EvalReport): methods, subsets, twin groups and
+    """`eval` and the demo (indexer.evaluate.driver.EvalReport): methods, subsets, twin groups and
     a closing line."""
-    from indexer.eval_report import ROW_HEADER
+    from indexer.evaluate.report import ROW_HEADER
 
     table = Table(title=title)
     for column in (*ROW_HEADER, "R@1 vs multi"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+        table.add_column(column, justify="left" if column == "method" else "right", overflow="fold")
     versus = report.versus_retrieval()
     for result, (method, k, *numbers) in zip(report.methods, report.rows()):
         change = versus.get(result.label)
@@ -124,7 +126,7 @@ def eval_tables(report: Any, title: str) -> list[Any]:
 def _subset_table(rows: list[tuple]) -> Table:
     table = Table(title="R@1 on subsets (videos with that kind of hard negative / held-out combination)")
     for column in ("method", "K", "subset", "queries", "R@1"):
-        table.add_column(column, justify="left" if column in ("method", "subset") else "right")
+        table.add_column(column, justify="left" if column in ("method", "subset") else "right", overflow="fold")
     for method, k, label, n, r1 in rows:
         table.add_row(method, "-" if k is None else str(k), label, str(n), f"{r1:.1f}")
     return table
@@ -134,7 +136,7 @@ def _twin_table(methods: list[Any]) -> Table:
     labels = sorted({k for m in methods for k in m.groups if k.startswith("within_group_top1:")})
     table = Table(title="twin groups: own video above its hard-negative twins (within), its group first (group R@1)")
     for column in ("method", "K", "queries", "within", "group R@1", *(label.split(":", 1)[1] for label in labels)):
-        table.add_column(column, justify="left" if column == "method" else "right")
+        table.add_column(column, justify="left" if column == "method" else "right", overflow="fold")
     for m in methods:
         table.add_row(m.method, "-" if m.k is None else str(m.k), str(int(m.groups["queries"])),
                       f"{m.groups['within_group_top1']:.1f}", f"{m.groups['group_r1']:.1f}",
