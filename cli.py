@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+import cli_reranker  # noqa: F401 - registers train-reranker on the same app
 import cli_research  # noqa: F401 - registers the research commands on the same app
 import cli_views as views
 from cli_common import (
@@ -160,9 +161,9 @@ def search(
         help=f"Segments retrieved by FAISS and reranked. Default: the model's choice (its search_defaults.json), "
              f"else {DEFAULT_RERANK_K}.")] = None,
     rerank: Annotated[RerankMode, typer.Option(
-        help="auto (the reranker the model's validation chose), mixed (the paper's [CLS] decoder from stored "
-             "rerank states), latent (query latents attend over stored video latents), single (decode again; "
-             "slow), none.")] = "auto",
+        help="auto (the reranker the model's validation chose), joint (a cross-encoder over the query's and the "
+             "stored video latents), mixed (the paper's [CLS] decoder from stored rerank states), latent (query "
+             "latents attend over stored video latents), single (decode again; slow), none.")] = "auto",
     fusion: Annotated[Fusion | None, typer.Option(
         help=FUSION_HELP + " Default: the model's choice, else calibrated.")] = None,
     cross_layers: Annotated[int | None, typer.Option(

@@ -84,6 +84,9 @@ def synth(
     fps: Annotated[int, typer.Option(help="Frames per second.")] = 8,
     seconds: Annotated[float, typer.Option(help="Length of each video.")] = 3.0,
     workers: Annotated[int, typer.Option(help="Rendering processes.")] = 2,
+    heldout_seed: Annotated[int | None, typer.Option(
+        help="Hold out the (colour, shape, motion) triples of the corpus with this seed instead: a fresh test "
+             "corpus whose unseen combinations stayed out of a model's training.")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Write a synthetic video-caption benchmark: real MP4 files whose captions need motion,
@@ -97,7 +100,8 @@ def synth(
         with Progress(console=err_console, disable=as_json) as bar:
             task = bar.add_task("rendering", total=n)
             summary = generate_corpus(out, n, seed, size=size, fps=fps, seconds=seconds, workers=workers,
-                                      progress=lambda done, total: bar.update(task, completed=done, total=total))
+                                      progress=lambda done, total: bar.update(task, completed=done, total=total),
+                                      heldout_seed=heldout_seed)
     except ValueError as exc:
         raise fail(str(exc)) from None
     if as_json:

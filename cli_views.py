@@ -39,8 +39,10 @@ def status_table(stats: Any, index_dir: Path) -> Table:
     table.add_row("segments", f"{stats.segments} searchable, {stats.removed_segments} removed")
     table.add_row("vectors", f"{stats.vectors} ({stats.faiss})")
     table.add_row("thumbnails", str(stats.thumbnails))
+    rows = max(stats.rows, 1)  # store rows, removed ones included: what the files hold
     for name, size in stats.bytes.items():
-        table.add_row(f"  {name}", f"{size / 1e6:.2f} MB")
+        per = f", {size / rows / 1e3:.1f} kB per segment" if name.endswith(".f16") or name == "thumbnails" else ""
+        table.add_row(f"  {name}", f"{size / 1e6:.2f} MB{per}")
     table.add_row("model", f"{fingerprint[:12] if fingerprint else '-'} (hidden {model.get('hidden')}, "
                   f"N={model.get('latents')}, {model.get('frames')} frames)")
     table.add_row("encoded in", (stats.encode_dtype or "not recorded").replace(",", " + "))

@@ -15,6 +15,7 @@ from indexer.precision import DtypeChoice, choose_dtype, dtype_name
 from pvl_search.media.video import to_model_input
 from pvl_search.model.checkpoint import load_model, load_search_defaults, weights_fingerprint
 from pvl_search.model.defaults import DEFAULT_MODEL_DIR, pick_device
+from pvl_search.model.joint_reranker import JointReranker, load_reranker
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
 
@@ -48,6 +49,7 @@ class ModelRunner:
         cross_layers: int | None = None,
         dtype: DtypeChoice = "auto",
         search_defaults: dict | None = None,
+        reranker: JointReranker | None = None,
     ) -> None:
         self.device = pick_device(device)
         self.search_defaults = search_defaults or {}  # e.g. {"rerank": "latent"}: what validation chose
@@ -58,6 +60,8 @@ class ModelRunner:
         self.config = model.config
         self.fingerprint = fingerprint
         self.retrieval_scale = model.retrieval_scale  # fuses rerank logits with similarities
+        # The joint reranker shipped beside the model (its own weights; it changes no vector).
+        self.reranker = None if reranker is None else reranker.to(self.device, self.dtype).eval()
         self.cross_layers = cross_layers
         self.tokenizer = Tokenizer(self.config.text_length)
         # (batch size, torch threads) -> whether a batched text-encoder call is exact there
@@ -74,7 +78,7 @@ class ModelRunner:
     ) -> ModelRunner:
         folder = Path(folder) if folder else DEFAULT_MODEL_DIR
         return cls(load_model(folder), weights_fingerprint(folder), device=device, cross_layers=cross_layers,
-                   dtype=dtype, search_defaults=load_search_defaults(folder))
+                   dtype=dtype, search_defaults=load_search_defaults(folder), reranker=load_reranker(folder))
 
     @property
     def dtype_name(self) -> str:
@@ -105,7 +109,8 @@ class ModelRunner:
         for row in latents.split(1):
             embeddings.append(PerceiverVL._embed(row, self.model.text_proj))
             states.append(self.model.rerank_state(row))
-        keep = latents.float().cpu().numpy() if self.model.latent_reranker is not None else None
+        keeps = self.model.latent_reranker is not None or self.reranker is not None  # rerankers read them
+        keep = latents.float().cpu().numpy() if keeps else None
         return EncodedQueries(torch.cat(embeddings).cpu().numpy(), torch.cat(states).cpu().numpy(), truncated, keep)
 
     def _text_latents(self, ids: torch.Tensor) -> torch.Tensor:
@@ -149,6 +154,17 @@ class ModelRunner:
         q = torch.as_tensor(query_latents, device=self.device).to(self.model.dtype)[None]
         c = torch.as_tensor(candidate_latents, device=self.device).reshape(-1, config.latents, config.hidden)
         return self.model.latent_scores(q, c.to(self.model.dtype))[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def joint_scores(self, query_latents: np.ndarray, candidate_latents: np.ndarray) -> np.ndarray:
+        """One query's text latents (N, D) x K candidates' stored video latents (K, N, D) or
+        (K, N * D) -> (K,) joint-reranker logits, one batched call."""
+        if self.reranker is None:
+            raise ValueError("this model has no joint reranker (no reranker/ in its folder)")
+        config = self.config
+        q = torch.as_tensor(query_latents, device=self.device).to(self.dtype)
+        c = torch.as_tensor(candidate_latents, device=self.device).reshape(-1, config.latents, config.hidden)
+        return self.reranker.score(q, c.to(self.dtype)).float().cpu().numpy()
 
     @torch.inference_mode()
     def single_scores(self, frames: np.ndarray, masks: np.ndarray, text: str) -> np.ndarray:

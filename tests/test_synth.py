@@ -308,3 +308,21 @@ def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict) -> None:
     args = {"n": 4, "seed": 0} | kwargs
     with pytest.raises(ValueError):
         generate_corpus(tmp_path, args.pop("n"), args.pop("seed"), workers=1, **args)
+
+
+def test_a_corpus_can_hold_out_another_seeds_triples(tmp_path) -> None:
+    # A fresh test corpus (its own scenes) whose unseen combinations are the ones a model's
+    # training streams kept out: those of the validation corpus's seed.
+    from pvl_search.data.synth import heldout_combinations, plan_corpus
+    from pvl_search.training.recipe import corpus_seed
+
+    assert heldout_combinations(8) != heldout_combinations(7)
+    planned = plan_corpus(200, 8, 24, heldout_seed=7)
+    held = heldout_combinations(7)
+    assert all(p.split == "test" or not set(p.scene.triples()) & held for p in planned)
+    assert any(set(p.heldout) for p in planned if p.split == "test")
+    assert all(set(p.heldout) <= held for p in planned)
+    assert [p.captions for p in planned] != [p.captions for p in plan_corpus(200, 7, 24)]
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"generator": {"seed": 8, "heldout_seed": 7}}))
+    assert corpus_seed(captions) == 7  # what a training stream must keep out for this corpus

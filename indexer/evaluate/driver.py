@@ -17,6 +17,8 @@ segment. Methods, all over every indexed video:
 - ``latent`` at K: the same with the latent reranker's logit (the query's text latents
   attending over the stored video latents); only for a model that has one and an index that
   keeps latents.
+- ``joint`` at K: the same with the joint reranker's logit (a cross-encoder over the query's
+  text latents and the stored video latents, shipped beside the model); only where it can run.
 - ``single`` at K: the same with the single-stream (joint encoder) logit; candidates are
   decoded again as the searcher does, with decoded clips cached per segment across queries.
 - ``single-exhaustive``: single-stream rerank of every segment for every query (the
@@ -47,6 +49,7 @@ from indexer.encoding import ModelRunner
 from indexer.evaluate.report import (
     DEFAULT_RERANK_KS,
     EXHAUSTIVE,
+    JOINT,
     LATENT,
     MIXED,
     MULTI,
@@ -57,7 +60,7 @@ from indexer.evaluate.report import (
     MethodResult,
 )
 from indexer.search.request import SearchError, check_fusion
-from indexer.search.rerankers import latent_rerank_available, stored_scores
+from indexer.search.rerankers import joint_rerank_available, latent_rerank_available, stored_scores
 from indexer.search.searcher import Searcher
 from indexer.search.single_stream import SINGLE_BATCH, ClipCache, single_pass
 from indexer.store.base import StoreBase
@@ -255,7 +258,9 @@ class _QueryScorer:
 
     def __init__(self, runner: ModelRunner, store: StoreBase, corpus: _Corpus, plan: _Plan, cache: ClipCache) -> None:
         self.runner, self.store, self.corpus, self.plan, self.cache = runner, store, corpus, plan, cache
-        self.latent = latent_rerank_available(runner, store)
+        # The rerankers that score from stored rows, as this model and index allow.
+        self.stored_methods = [MIXED] + [LATENT] * latent_rerank_available(runner, store) \
+            + [JOINT] * joint_rerank_available(runner, store)
         _warm_up(runner, store, corpus, single_stream=plan.depth > 0)
 
     def _logits(self, method: str, encoded: object, cand: np.ndarray) -> np.ndarray:
@@ -273,7 +278,7 @@ class _QueryScorer:
         tally.record((MULTI, None), base_ms, sims, order[:0], np.empty(0), query.target)
         for k in self.plan.ks:
             cand = order[:k]
-            for method in (MIXED, LATENT) if self.latent else (MIXED,):
+            for method in self.stored_methods:
                 started = time.perf_counter()
                 logits = self._logits(method, encoded, cand)
                 ms = (time.perf_counter() - started) * 1000
@@ -337,6 +342,8 @@ def _warm_up(runner: ModelRunner, store: StoreBase, corpus: _Corpus, *, single_s
     runner.mixed_scores(encoded.rerank_states[:1], store.rerank_states(corpus.segment_ids[:1])[None])
     if latent_rerank_available(runner, store):
         runner.latent_scores(encoded.latents[0], store.latents(corpus.segment_ids[:1]))
+    if joint_rerank_available(runner, store):
+        runner.joint_scores(encoded.latents[0], store.latents(corpus.segment_ids[:1]))
     if single_stream:
         config = runner.config
         frames = np.zeros((1, config.frames, config.frame_size, config.frame_size, 3), dtype=np.uint8)

@@ -8,7 +8,7 @@ from typing import Any
 
 from pvl_search.metrics import PairedChange, RetrievalMetrics, paired_top1_change
 
-MULTI, MIXED, LATENT, SINGLE, EXHAUSTIVE = "multi", "mixed", "latent", "single", "single-exhaustive"
+MULTI, MIXED, LATENT, JOINT, SINGLE, EXHAUSTIVE = "multi", "mixed", "latent", "joint", "single", "single-exhaustive"
 DEFAULT_RERANK_KS = (8, 16, 32, 64, 128)
 ROW_HEADER = ("method", "K", "R@1", "R@5", "R@10", "MdR", "MnR", "p50 ms", "p95 ms")
 

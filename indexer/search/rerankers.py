@@ -3,6 +3,8 @@ one rule that the searcher, the server's gates and `eval` share.
 
 - ``auto`` resolves to the reranker the model's validation chose (its folder's
   search_defaults.json) when this index can run it, else ``mixed``;
+- ``joint`` reads the query's text latents and each candidate's stored video latents together
+  (the cross-encoder shipped beside the model, pvl_search.model.joint_reranker);
 - ``mixed`` scores from the stored rerank states (the paper's [CLS] decoder, factorised);
 - ``latent`` from the stored video latents (the query's latents attend over them);
 - ``single`` decodes every candidate again and runs the joint encoder (slow: its depth is
@@ -23,17 +25,23 @@ def latent_rerank_available(runner: ModelRunner, store: StoreBase) -> bool:
     return runner.model.latent_reranker is not None and store.layout.keeps_latents
 
 
+def joint_rerank_available(runner: ModelRunner, store: StoreBase) -> bool:
+    """Whether the joint reranker can run: the model folder has one and the index keeps latents."""
+    return runner.reranker is not None and store.layout.keeps_latents
+
+
 def rerank_mode(requested: str, runner: ModelRunner, store: StoreBase) -> str:
-    """The reranker a request gets (see the module doc); SearchError when `latent` is asked for
-    and cannot run here."""
-    latent_ok = latent_rerank_available(runner, store)
+    """The reranker a request gets (see the module doc); SearchError when `latent` or `joint`
+    is asked for and cannot run here."""
+    available = {"latent": latent_rerank_available(runner, store), "joint": joint_rerank_available(runner, store)}
     if requested == "auto":
         chosen = runner.search_defaults.get("rerank", "mixed")
-        return chosen if chosen != "latent" or latent_ok else "mixed"
-    if requested == "latent" and not latent_ok:
-        why = "the model has no latent reranker" if runner.model.latent_reranker is None else \
+        return chosen if available.get(chosen, True) else "mixed"
+    if not available.get(requested, True):
+        has = runner.model.latent_reranker if requested == "latent" else runner.reranker
+        why = f"the model has no {requested} reranker" if has is None else \
             "this index keeps no latents (index it with --store-latents)"
-        raise SearchError(f"rerank=latent is not available: {why}", "rerank")
+        raise SearchError(f"rerank={requested} is not available: {why}", "rerank")
     return requested
 
 
@@ -52,10 +60,12 @@ def stored_scores(
     ids: np.ndarray,
 ) -> np.ndarray:
     """Rerank logits of one query against the segments `ids`, from what the index stored:
-    `mode` mixed (the query's rerank state, (D + H,)) or latent (its latents, (N, D))."""
+    `mode` mixed (the query's rerank state, (D + H,)), latent or joint (its latents, (N, D))."""
     if mode == "mixed":
         states = store.rerank_states(ids)  # (K, D + H): read from the memory map
         return runner.mixed_scores(rerank_state[None], states[None])[0]
     if mode == "latent":
         return runner.latent_scores(latents, store.latents(ids))  # (K, N, D) stored
+    if mode == "joint":
+        return runner.joint_scores(latents, store.latents(ids))
     raise ValueError(f"rerank mode {mode!r} does not score from stored rows")

@@ -247,9 +247,11 @@ def _assign_splits(groups: int, seed: int, fractions: tuple[float, float, float]
 
 
 def plan_corpus(n: int, seed: int, frames: int,
-                fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> list[PlannedVideo]:
-    """Every video's scene, captions and split, deterministic in (n, seed, frames)."""
-    heldout = heldout_combinations(seed)
+                fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                heldout_seed: int | None = None) -> list[PlannedVideo]:
+    """Every video's scene, captions and split, deterministic in (n, seed, frames); the held-out
+    triples are `heldout_seed`'s (default: `seed`'s)."""
+    heldout = heldout_combinations(seed if heldout_seed is None else heldout_seed)
     full_groups, rest = divmod(n, len(VARIANTS))
     splits = _assign_splits(full_groups, seed, fractions) + ["train"] * (rest > 0)  # a partial group trains
     test_groups = [g for g, s in enumerate(splits) if s == "test"]
@@ -295,11 +297,15 @@ def _record(p: PlannedVideo, videos_dir: Path) -> CaptionRecord:
 def generate_corpus(out_dir: str | os.PathLike[str], n: int, seed: int, *, size: int = 128, fps: int = 8,
                     seconds: float = 3.0, gop: int = 8, workers: int = 2,
                     splits: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                    progress: Callable[[int, int], None] | None = None) -> CorpusSummary:
+                    progress: Callable[[int, int], None] | None = None,
+                    heldout_seed: int | None = None) -> CorpusSummary:
     """Write n MP4 videos under out_dir/videos and their captions to out_dir/captions.json.
 
     Deterministic in (n, seed, size, fps, seconds, splits): the same arguments give a
-    byte-identical captions.json and identical decoded pixels, whatever `workers` is."""
+    byte-identical captions.json and identical decoded pixels, whatever `workers` is.
+    `heldout_seed`: take the held-out (colour, shape, motion) triples of that corpus seed
+    instead (a fresh test corpus whose unseen combinations are those a model's training
+    streams kept out)."""
     frames = int(round(fps * seconds))
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -312,15 +318,16 @@ def generate_corpus(out_dir: str | os.PathLike[str], n: int, seed: int, *, size:
     out = Path(out_dir)
     videos_dir = out / "videos"
     videos_dir.mkdir(parents=True, exist_ok=True)
-    planned = plan_corpus(n, seed, frames, splits)
+    planned = plan_corpus(n, seed, frames, splits, heldout_seed)
+    held = seed if heldout_seed is None else heldout_seed
     tasks = list(_group_tasks(planned, videos_dir, size, fps, gop))
     sizes = _run_tasks(tasks, workers, progress, n)
     captions_path = out / "captions.json"
-    header = {"generator": {"name": "pvl_search.data.synth", "seed": seed, "size": size, "fps": fps,
-                            "frames": frames, "gop": gop, "splits": list(splits)},
-              "heldout_combinations": [list(t) for t in sorted(heldout_combinations(seed))]}
+    generator = {"name": "pvl_search.data.synth", "seed": seed, "size": size, "fps": fps, "frames": frames,
+                 "gop": gop, "splits": list(splits)} | ({} if heldout_seed is None else {"heldout_seed": heldout_seed})
+    header = {"generator": generator, "heldout_combinations": [list(t) for t in sorted(heldout_combinations(held))]}
     write_captions(captions_path, [_record(p, videos_dir) for p in planned], extra=header)
-    return _summarise(planned, out, captions_path, sum(sizes) + captions_path.stat().st_size, seed)
+    return _summarise(planned, out, captions_path, sum(sizes) + captions_path.stat().st_size, held)
 
 
 def _run_tasks(tasks: list[tuple], workers: int, progress: Callable[[int, int], None] | None, n: int) -> list[int]:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pvl_search.model.config import ModelConfig
+from pvl_search.model.joint_reranker import JointReranker, JointRerankerConfig
 from pvl_search.model.layers import explicit_attention
 from pvl_search.model.perceiver import PerceiverVL, count_parameters
 
@@ -158,4 +159,19 @@ def _decoder_runs(
             candidates,
             f"per candidate, {candidates} at once, from stored latents ({config.latents * config.hidden} floats each)",
         ),
+        _joint_run(config, text, video_many, candidates),
     ]
+
+
+def _joint_run(config: ModelConfig, text: torch.Tensor, video_many: torch.Tensor, candidates: int) -> Run:
+    """The joint reranker at its default size, over the same stored latents."""
+    joint = JointReranker(JointRerankerConfig(config.hidden, config.latents, config.latents, heads=config.heads))
+    joint = joint.eval().to(text.dtype).requires_grad_(False)
+    return (
+        "joint reranker",
+        _params(joint),
+        lambda: joint(text, video_many[None]),
+        candidates,
+        f"per candidate, {candidates} at once: {1 + config.latents} tokens x {joint.config.layers} blocks over "
+        "the query's latents",
+    )

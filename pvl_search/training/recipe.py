@@ -51,9 +51,11 @@ class StreamOptions:
 
 
 def corpus_seed(captions_path: str | Path) -> int:
-    """The seed `pvl-search synth` recorded in a captions file (its held-out triples follow from it)."""
+    """The seed whose held-out triples a `pvl-search synth` captions file uses (its own seed, or
+    the --heldout-seed it was made with)."""
     try:
-        return int(json.loads(Path(captions_path).read_text())["generator"]["seed"])
+        generator = json.loads(Path(captions_path).read_text())["generator"]
+        return int(generator.get("heldout_seed", generator["seed"]))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{captions_path}: not a `pvl-search synth` captions file (no generator seed)") from exc
 
