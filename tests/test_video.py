@@ -26,13 +26,12 @@ from pvl_search.media.video import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
     VideoDecodeError,
-    Windows,
     probe,
     read_clip,
     read_clips,
     to_model_input,
 )
-from pvl_search.media.windows import segment_spans
+from pvl_search.media.windows import Windows, segment_spans
 
 SIZE = 16  # decoded frame side: small keeps the tests fast
 
