@@ -18,8 +18,8 @@ from pvl_search.data.synth import generate_corpus
 
 STEPS = 4
 EXAMPLES = 3  # example queries, spread over the corpus
-EXAMPLE_K, EXAMPLE_RERANK_K = 3, 16
-EVAL_RERANK_KS = (4, 8, 16)
+EXAMPLE_K = 3  # videos per example query; the rerank depth is the search default's
+EVAL_RERANK_KS = (4, 8, 16)  # and the search default's K
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,10 @@ def run_demo(out: Path, n: int, seed: int, runner: ModelRunner,
     with Searcher(index_dir, runner=runner) as searcher:
         for record in records[:: max(1, len(records) // EXAMPLES)][:EXAMPLES]:
             query = record.captions[0]
-            result = searcher.search(query, k=EXAMPLE_K, rerank_k=EXAMPLE_RERANK_K)
+            result = searcher.search(query, k=EXAMPLE_K)  # the search default: rerank mode, K, fusion
             examples.append(DemoExample(query, str(record.path), result))
         step(4, "evaluating every caption as a query")
-        report = evaluate_index(searcher, summary.captions_path, split="test", rerank_ks=EVAL_RERANK_KS,
-                                exhaustive_limit=0)
+        default_k = searcher.default_request("").rerank_k
+        report = evaluate_index(searcher, summary.captions_path, split="test",
+                                rerank_ks=sorted({*EVAL_RERANK_KS, default_k}), exhaustive_limit=0)
     return DemoResult(index_dir, indexed, examples, report)

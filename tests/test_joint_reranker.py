@@ -251,3 +251,17 @@ def test_the_default_comes_from_search_defaults(joint_corpus: dict, tmp_path: Pa
         assert searcher.search("red").rerank == "mixed"
         with pytest.raises(SearchError, match="keeps no latents"):
             searcher.search("red", rerank="joint")
+
+
+def test_search_defaults_are_checked_when_the_model_loads(tmp_path: Path) -> None:
+    from indexer.search.request import MAX_RERANK_K, RERANK_MODES
+    from pvl_search.model.checkpoint import MAX_DEFAULT_RERANK_K, SEARCH_DEFAULT_RERANKS, load_search_defaults
+
+    assert set(SEARCH_DEFAULT_RERANKS) < set(RERANK_MODES) and MAX_DEFAULT_RERANK_K == MAX_RERANK_K
+    good = {"rerank": "joint", "rerank_k": 16, "fusion": "calibrated", "chosen_by": "validation"}
+    (tmp_path / "search_defaults.json").write_text(json.dumps(good))
+    assert load_search_defaults(tmp_path) == good
+    for bad in ({"rerank": "bogus"}, {"rerank": "single"}, {"rerank_k": -5}, {"rerank_k": 10**9}, {"fusion": "max"}):
+        (tmp_path / "search_defaults.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=next(iter(bad))):
+            load_search_defaults(tmp_path)

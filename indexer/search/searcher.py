@@ -205,6 +205,11 @@ class Searcher:
         """The request with the model's defaults filled in, checked against the reranker it gets."""
         return with_model_defaults(request, self.runner, self.rerank_mode(request.rerank))
 
+    def default_request(self, query: str) -> SearchRequest:
+        """What a search for `query` with no options asks for (the model's defaults filled in)."""
+        with self._current():
+            return self._resolved(SearchRequest(query))
+
     def is_slow(self, request: SearchRequest) -> bool:
         """Whether the request resolves to a slow reranker (the server runs those one at a time).
         A request whose reranker cannot run here is not slow: its search answers the error."""

@@ -13,13 +13,17 @@ from safetensors.torch import load_file, save_file
 
 from pvl_search.model.config import ModelConfig
 from pvl_search.model.perceiver import PerceiverVL
+from pvl_search.ranking import FUSIONS
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 # Optional: how searches should use this model, as chosen on validation when it was shipped,
 # e.g. {"rerank": "latent", "rerank_k": 16}. Not part of the fingerprint: it changes no vector.
 SEARCH_DEFAULTS_FILE = "search_defaults.json"
-_SEARCH_DEFAULT_KEYS = {"rerank": str, "rerank_k": int, "chosen_by": str}
+_SEARCH_DEFAULT_KEYS = {"rerank": str, "rerank_k": int, "fusion": str, "chosen_by": str}
+# The values a model may choose (the search layer's modes and fusions are checked against these).
+SEARCH_DEFAULT_RERANKS = ("joint", "mixed", "latent", "none")  # never single: too slow to be a default
+MAX_DEFAULT_RERANK_K = 1000  # = indexer.search.request.MAX_RERANK_K (a test keeps them equal)
 
 
 class CheckpointError(ValueError):
@@ -103,4 +107,10 @@ def load_search_defaults(folder: str | Path) -> dict:
         kind = _SEARCH_DEFAULT_KEYS.get(key)
         if kind is None or not isinstance(value, kind) or isinstance(value, bool):
             raise CheckpointError(f"{path}: unexpected entry {key!r}: {value!r}")
+    allowed = {"rerank": SEARCH_DEFAULT_RERANKS, "fusion": FUSIONS}
+    for key, values in allowed.items():
+        if key in data and data[key] not in values:
+            raise CheckpointError(f"{path}: {key} must be one of {', '.join(values)}, not {data[key]!r}")
+    if "rerank_k" in data and not 1 <= data["rerank_k"] <= MAX_DEFAULT_RERANK_K:
+        raise CheckpointError(f"{path}: rerank_k must be between 1 and {MAX_DEFAULT_RERANK_K}, not {data['rerank_k']}")
     return data
