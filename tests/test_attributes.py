@@ -117,6 +117,17 @@ def test_attribute_loss_trains_both_towers() -> None:
                          attribute_labels=pairs.labels_of(range(8)), heads=heads)
     out.total.backward()
     assert "shape_motion_attributes" in out.parts and model.video_embed.position.grad.abs().sum() > 0
+    # The video-only shape objective: its own classifier, the video tower alone.
+    model.zero_grad()
+    own = AttributeHeads(CONFIG.embed_dim, video_only=True)
+    out = compute_losses(model, frames, masks, ids, LossWeights(contrastive=0, mixed_vtm=0, video_shape_attributes=1),
+                         attribute_labels=pairs.labels_of(range(8)), heads=own)
+    out.total.backward()
+    assert set(out.parts) == {"video_shape_attributes"} and own.video_linear.weight.grad.abs().sum() > 0
+    assert own.linear.weight.grad is None and model.text_embed.position.grad is None
+    assert model.video_embed.position.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="video-only"):
+        heads.video_loss(torch.zeros(2, CONFIG.embed_dim), pairs.labels_of(range(2)), only=("lead_shape",))
 
 
 def test_probe_recovers_a_linear_label_and_not_noise() -> None:

@@ -69,6 +69,8 @@ ORDER_LABELS: tuple[str, ...] = tuple(spec.name for spec in LABELS
 # per actor and per colour. Weighed on their own when the contrastive losses leave them weak.
 SHAPE_MOTION_LABELS: tuple[str, ...] = tuple(spec.name for spec in LABELS
                                              if spec.attribute.endswith(("shape", "motion")))
+# Every shape label (per time slot, per actor, per colour).
+SHAPE_LABELS: tuple[str, ...] = tuple(spec.name for spec in LABELS if spec.attribute.endswith("shape"))
 
 
 def scene_labels(scene: Scene) -> np.ndarray:

@@ -22,10 +22,13 @@ from pvl_search.data.scene_labels import LABELS, TEXT_LABELS, TOKEN_CLASSES
 class AttributeHeads(nn.Module):
     """One linear classifier over the L2-normalised embedding, all labels in one matrix."""
 
-    def __init__(self, embed_dim: int, hidden: int | None = None) -> None:
+    def __init__(self, embed_dim: int, hidden: int | None = None, *, video_only: bool = False) -> None:
         super().__init__()
         self.sizes = [spec.classes for spec in LABELS]
         self.linear = nn.Linear(embed_dim, sum(self.sizes))
+        # A second classifier that reads the video embedding alone (not shared with the text
+        # side), when a video-only objective asks for it.
+        self.video_linear = nn.Linear(embed_dim, sum(self.sizes)) if video_only else None
         self.scale = math.sqrt(embed_dim)  # unit-norm inputs: give each coordinate unit scale
         # Per-token heads (shape, motion) on the video input tokens, when `hidden` is given.
         self.tokens = nn.Linear(hidden, sum(TOKEN_CLASSES)) if hidden else None
@@ -43,6 +46,15 @@ class AttributeHeads(nn.Module):
             for i, (spec, logits) in enumerate(zip(LABELS, self(embedding)))
             if (not text or spec.name in TEXT_LABELS) and (only is None or spec.name in only)
         ]
+        return torch.stack(parts).mean()
+
+    def video_loss(self, embedding: Tensor, labels: Tensor, *, only: Collection[str]) -> Tensor:
+        """Mean cross-entropy over the labels in `only`, from the video-only classifier."""
+        if self.video_linear is None:
+            raise ValueError("these heads were built without a video-only classifier (video_only=False)")
+        logits = self.video_linear(embedding * self.scale).split(self.sizes, dim=-1)
+        parts = [F.cross_entropy(out.float(), labels[:, i])
+                 for i, (spec, out) in enumerate(zip(LABELS, logits)) if spec.name in only]
         return torch.stack(parts).mean()
 
     def token_loss(self, tokens: Tensor, labels: Tensor, frame_mask: Tensor) -> Tensor:

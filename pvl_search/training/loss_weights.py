@@ -74,6 +74,12 @@ class LossWeights:
     shape_motion_attributes: float = loss(
         0.0, "Extra weight on the attribute heads' shape and motion labels (per event, per actor, per colour), on "
              "both embeddings (needs scene metadata).", first_phase=True, nonnegative=True)
+    # Shape from the video embedding alone, through a classifier of its own: the shared heads
+    # move the text side's shape (0.56) but not the video's (0.41), while a fresh video-only
+    # head took the video tower's shape to 0.86 in ten minutes (MODEL_CARD, "Where shape is lost").
+    video_shape_attributes: float = loss(
+        0.0, "Weight of a shape objective on the video embedding alone, with its own classifier (every shape "
+             "label: per event, per actor, per colour; needs scene metadata).", first_phase=True, nonnegative=True)
 
     def weight(self, name: str) -> float:
         """The weight of the declared loss `name` (KeyError for a name that is not one)."""

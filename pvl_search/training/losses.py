@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pvl_search.data.scene_labels import ORDER_LABELS, SHAPE_MOTION_LABELS
+from pvl_search.data.scene_labels import ORDER_LABELS, SHAPE_LABELS, SHAPE_MOTION_LABELS
 from pvl_search.model.config import CLIP_VOCAB_SIZE
 from pvl_search.model.embeddings import PAD_ID
 from pvl_search.model.perceiver import Encoding, PerceiverVL
@@ -228,6 +228,10 @@ def _attribute_losses(
             parts[name] = (focused["attributes_video"] + focused["attributes_text"]) / 2
     if weights.token_attributes:
         parts["token_attributes"] = _token_attribute_loss(video, frame_mask, token_labels, heads)
+    if weights.video_shape_attributes:
+        if attribute_labels is None or heads is None:
+            raise ValueError("the video shape loss needs scene labels and attribute heads")
+        parts["video_shape_attributes"] = heads.video_loss(video.embedding, attribute_labels, only=SHAPE_LABELS)
     return parts, sides
 
 

@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # loop imports this module
 
 def uses_attribute_heads(cfg: TrainConfig) -> bool:
     """Whether a loss reads the attribute heads on the embeddings (all labels, or a focus)."""
-    return bool(cfg.losses.attributes or any(getattr(cfg.losses, name) for name in FOCUSED_ATTRIBUTES))
+    return bool(cfg.losses.attributes or cfg.losses.video_shape_attributes
+                or any(getattr(cfg.losses, name) for name in FOCUSED_ATTRIBUTES))
 
 
 def check_options(
@@ -51,7 +52,9 @@ def training_parameters(
         for p in model.parameters():
             p.requires_grad_(id(p) in keep)
     dense = bool(cfg.losses.token_attributes)
-    heads = (AttributeHeads(model.config.embed_dim, model.config.hidden if dense else None).to(device)
+    video_only = bool(cfg.losses.video_shape_attributes)
+    heads = (AttributeHeads(model.config.embed_dim, model.config.hidden if dense else None,
+                            video_only=video_only).to(device)
              if uses_attribute_heads(cfg) or dense else None)
     if heads is not None:
         params = params + list(heads.parameters())
