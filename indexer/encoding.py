@@ -150,10 +150,17 @@ class ModelRunner:
     def latent_scores(self, query_latents: np.ndarray, candidate_latents: np.ndarray) -> np.ndarray:
         """One query's text latents (N, D) x K candidates' stored video latents (K, N, D) or
         (K, N * D) -> (K,) latent-reranker logits, one batched call."""
+        q, c = self._latent_pair(query_latents, candidate_latents)
+        return self.model.latent_scores(q[None], c)[0].float().cpu().numpy()
+
+    def _latent_pair(self, query_latents: np.ndarray, candidate_latents: np.ndarray
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A query's latents (N, D) and K candidates' stored latents as (K, N, D), on the
+        device in the model's dtype (both latent-reading rerankers take them so)."""
         config = self.config
-        q = torch.as_tensor(query_latents, device=self.device).to(self.model.dtype)[None]
+        q = torch.as_tensor(query_latents, device=self.device).to(self.dtype)
         c = torch.as_tensor(candidate_latents, device=self.device).reshape(-1, config.latents, config.hidden)
-        return self.model.latent_scores(q, c.to(self.model.dtype))[0].float().cpu().numpy()
+        return q, c.to(self.dtype)
 
     @torch.inference_mode()
     def joint_scores(self, query_latents: np.ndarray, candidate_latents: np.ndarray) -> np.ndarray:
@@ -161,10 +168,8 @@ class ModelRunner:
         (K, N * D) -> (K,) joint-reranker logits, one batched call."""
         if self.reranker is None:
             raise ValueError("this model has no joint reranker (no reranker/ in its folder)")
-        config = self.config
-        q = torch.as_tensor(query_latents, device=self.device).to(self.dtype)
-        c = torch.as_tensor(candidate_latents, device=self.device).reshape(-1, config.latents, config.hidden)
-        return self.reranker.score(q, c.to(self.dtype)).float().cpu().numpy()
+        q, c = self._latent_pair(query_latents, candidate_latents)
+        return self.reranker.score(q, c).float().cpu().numpy()
 
     @torch.inference_mode()
     def single_scores(self, frames: np.ndarray, masks: np.ndarray, text: str) -> np.ndarray:

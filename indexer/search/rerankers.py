@@ -13,6 +13,8 @@ one rule that the searcher, the server's gates and `eval` share.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from indexer.encoding import ModelRunner
@@ -52,7 +54,7 @@ def with_model_defaults(request: SearchRequest, runner: ModelRunner, mode: str) 
     rerank_k = request.rerank_k if request.rerank_k is not None else int(defaults.get("rerank_k", DEFAULT_RERANK_K))
     fusion = request.fusion if request.fusion is not None else defaults.get("fusion", DEFAULT_FUSION)
     check_rerank_depth(mode, rerank_k)
-    return SearchRequest(request.query, request.k, rerank_k, request.rerank, fusion, request.filters)
+    return dataclasses.replace(request, rerank_k=rerank_k, fusion=fusion)
 
 
 def stored_scores(

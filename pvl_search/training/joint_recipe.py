@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -144,11 +145,7 @@ def _save_state(folder: Path, reranker: JointReranker, optimizer: torch.optim.Op
         old = folder.with_name(folder.name + ".old")
         os.replace(folder, old)
         os.replace(tmp, folder)
-        for f in old.rglob("*"):
-            if f.is_file():
-                f.unlink()
-        for d in sorted((p for p in old.rglob("*") if p.is_dir()), reverse=True) + [old]:
-            d.rmdir()
+        shutil.rmtree(old)
     else:
         os.replace(tmp, folder)
 
@@ -178,7 +175,4 @@ def _drop_chunk(stream_dir: Path, chunk: int) -> None:
     """A used chunk's frames are not needed again (the stream regenerates a chunk if asked)."""
     from pvl_search.data.scene_stream import chunk_name
 
-    folder = stream_dir / chunk_name(chunk)
-    for f in folder.glob("*"):
-        f.unlink()
-    folder.rmdir()
+    shutil.rmtree(stream_dir / chunk_name(chunk))
