@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -27,10 +28,10 @@ from cli_common import (
     console,
     err_console,
     fail,
+    quiet_ray_logs,
 )
 from indexer.search.request import DEFAULT_K, DEFAULT_RERANK_K, RerankMode
 from pvl_search.media.backends import Backend
-from pvl_search.media.windows import DEFAULT_STRIDE_S, DEFAULT_WINDOW_S
 from pvl_search.ranking import FUSION_HELP, Fusion
 
 
@@ -40,9 +41,14 @@ def index(
     index_dir: IndexDir = Path("pvl-index"),
     db: DbUrl = None,
     model: ModelDir = None,
-    window: Annotated[float, typer.Option(
-        help="Segment length in seconds; shorter videos are one segment.")] = DEFAULT_WINDOW_S,
-    stride: Annotated[float, typer.Option(help="Seconds between segment starts (at most).")] = DEFAULT_STRIDE_S,
+    window: Annotated[float | None, typer.Option(
+        help="Segment length in seconds; shorter videos are one segment. Default: what the index records, else "
+             "the clip length the model was trained on (3 s for the shipped one).")] = None,
+    stride: Annotated[float | None, typer.Option(
+        help="Seconds between segment starts (at most). Default: the index's, else 0.43 x the window.")] = None,
+    reindex: Annotated[bool, typer.Option(
+        help="Cut and encode every video again, changed or not: to move an index to other windows (or, with no "
+             "--window, to the model's own).")] = False,
     batch_size: Annotated[int, typer.Option(help="Clips per encoder call.")] = 8,
     workers: Annotated[int, typer.Option(help="Decoder processes.")] = 2,
     timeout: Annotated[float, typer.Option(help="Seconds a decoder may make no progress before it is killed.")] = 60.0,
@@ -59,9 +65,10 @@ def index(
         help="Where the vectors live: faiss (a file in the index folder) or milvus:URI, URI a Milvus Lite file "
              "(PATH.db) or http://HOST:19530, optionally #HNSW etc. (default FLAT, exact). Recorded in the index: "
              "search, serve, eval and status follow it. Default: what the index records (faiss for a new one). "
-             "Needs the cluster extra.")] = None,
+             "An existing index moves only with --rebuild. Needs the cluster extra.")] = None,
     ray: Annotated[str | None, typer.Option(
-        help="Decode and encode on Ray: local (start one here), auto (the running cluster) or ray://HOST:PORT. "
+        help="Decode and encode on Ray: local (start one here), auto (the cluster `ray start` made here) or "
+             "ray://HOST:PORT (a Ray client port; it must accept a connection within 10 s). "
              "Every worker must see the files (and --model) at the same paths as this machine: a shared "
              "filesystem. This process writes the index. Needs the cluster extra.")] = None,
     ray_workers: Annotated[int, typer.Option(min=1, help="Ray encoder actors (one model each).")] = 2,
@@ -87,6 +94,7 @@ def index(
     try:
         if ray is not None:
             require_cluster_extra("--ray", "ray")
+            quiet_ray_logs()
         if vectors is not None:
             parse_vectors(vectors)  # a bad --vectors is refused before the model loads
         if rebuild:
@@ -99,23 +107,27 @@ def index(
         ray_options = None if ray is None else RayOptions(ray, ray_workers, ray_gpus_per_worker,
                                                           model_dir=str(model.resolve()) if model else None,
                                                           dtype=dtype)
-        options = IndexOptions(window_s=window, stride_s=stride, batch_size=batch_size, workers=workers,
+        options = IndexOptions(window_s=window, stride_s=stride, reindex=reindex, batch_size=batch_size,
+                               workers=workers,
                                timeout_s=timeout, backend=decoder, store_latents=store_latents,
                                faiss_factory=faiss_factory, retry_failed=retry_failed, thumbnails=thumbnails,
                                vectors=vectors, ray=ray_options)
         with IndexStore(index_dir, db) as store, Progress(
             TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]:.1f} videos/s"), TimeRemainingColumn(),
+            TextColumn("{task.fields[segments]} segments"), TextColumn("{task.fields[rate]:.1f} videos/s"),
+            TimeRemainingColumn(),
             console=err_console, disable=as_json, transient=False,
         ) as bar:
             # Hidden until the first file is planned, so a refusal (e.g. a model mismatch)
             # prints its error without an empty bar above it.
-            task = bar.add_task("index", total=None, rate=0.0, visible=False)
+            task = bar.add_task("index", total=None, rate=0.0, segments=0, visible=False)
             started = time.perf_counter()
 
             def on_progress(p) -> None:  # noqa: ANN001
-                rate = p.done / max(1e-9, time.perf_counter() - started)
-                bar.update(task, completed=p.done, total=p.total, rate=rate, visible=True)
+                # Files under way count in part: the bar moves within a long film.
+                rate = (p.done + p.partial) / max(1e-9, time.perf_counter() - started)
+                bar.update(task, completed=p.done + p.partial, total=p.total, rate=rate,
+                           segments=p.segments + p.segments_underway, visible=True)
 
             summary = build_index(paths, store, runner, options, progress=on_progress)
     except _domain_errors() as exc:
@@ -126,10 +138,17 @@ def index(
         console.print(
             f"indexed {summary.indexed} ({summary.segments} segments), unchanged {summary.unchanged}, "
             f"removed {summary.removed}, failed {len(summary.failed)} — {summary.seconds:.1f} s, {summary.dtype}"
+            + (f", {summary.windows['window_s']:g} s windows every {summary.windows['stride_s']:g} s"
+               if summary.windows else "")
             + (f"; thumbnails made for {summary.thumbnails_added} older segments" if summary.thumbnails_added else "")
         )
         for path, reason in summary.failed.items():
             err_console.print(f"[yellow]failed:[/yellow] {path}: {reason}", highlight=False)
+        if summary.reindex_hint:
+            err_console.print(f"note: {summary.reindex_hint}", highlight=False)
+        if summary.decoder_messages:  # FFmpeg's warnings about damaged streams: the files indexed anyway
+            err_console.print(f"decoder warnings: {summary.decoder_messages} lines, in {summary.decoder_log}",
+                              highlight=False)
     if summary.failed:
         raise typer.Exit(code=2)
 
@@ -197,7 +216,8 @@ def search(
         err_console.print(f"note: the query is longer than {runner.config.text_length} tokens; the rest was ignored")
     if as_json:  # one line per hit, each saying the dtypes of the query and of the index
         for hit in result.hits:
-            print(json.dumps({**hit.to_dict(), "dtype": result.dtype, "index_dtype": result.index_dtype}))
+            print(json.dumps({**hit.to_dict(), "dtype": result.dtype, "index_dtype": result.index_dtype,
+                              "windows": None if result.windows is None else asdict(result.windows)}))
         return
     console.print(views.search_table(result, query, rerank))
     if not result.hits:
@@ -227,9 +247,11 @@ def demo(
     err_console.print(f"    {indexed.indexed} new, {indexed.unchanged} unchanged, {len(indexed.failed)} failed "
                       f"in {indexed.seconds:.1f} s")
     for example in demo_run.examples:
-        console.print(views.example_table(example.query, example.wanted, example.result.hits))
+        console.print(views.example_table(example.query, example.wanted, example.result.hits, example.span))
     for renderable in views.eval_tables(demo_run.report, f"demo: {n} unseen synthetic videos, every caption a query"):
         console.print(renderable)
+    if demo_run.moments is not None:
+        console.print(views.moment_table(demo_run.moments, "the long video's events, each searched as a moment"))
     console.print(f"try: pvl-search search \"a red circle moves left\" --index {out / 'index'}")
 
 
@@ -263,6 +285,11 @@ def serve(
     query_cache: Annotated[int, typer.Option(
         min=0, help="Query encodings kept: the same words with other filters or k are not encoded again "
                     "(0: off).")] = 1024,
+    allowed_host: Annotated[list[str] | None, typer.Option(
+        "--allowed-host", metavar="NAME",
+        help="Also answer requests whose Host is NAME (repeatable; '*': any). By default only localhost, "
+             "127.0.0.1, ::1 and the --host address are answered (with 0.0.0.0 or ::, any IP address): "
+             "a guard against DNS rebinding.")] = None,
 ) -> None:
     """Serve the index over HTTP: the search page at /, GET /search?q=&k=&rerank_k=, GET /videos/{id},
     GET /videos/{id}/file (Range), GET /segments/{id}/thumbnail, GET /health. Concurrent searches are
@@ -276,7 +303,7 @@ def serve(
         server.serve(index_dir, host=host, port=port, db_url=db, model_dir=model, device=device,
                      cross_layers=cross_layers, on_ready=ready, token=token, docs=docs, path_root=path_root,
                      dtype=dtype, batch_window_s=batch_window_ms / 1000, max_batch=max_batch,
-                     query_cache=query_cache)
+                     query_cache=query_cache, allowed_hosts=allowed_host or ())
     except (*_domain_errors(), OSError) as exc:
         raise fail(str(exc)) from None
 

@@ -110,6 +110,18 @@ def _domain_errors() -> tuple[type[Exception], ...]:
     return (IndexStoreError, CheckpointError, VideoDecodeError, OSError, ValueError, ImportError)
 
 
+def quiet_ray_logs() -> None:
+    """Ray's driver logs advice on stderr (token authentication, client ports, `--address`
+    flags pvl-search does not have); what matters reaches the user as pvl-search's own one-line
+    errors, and Ray's processes keep their log files. Its errors still show. The level, not a
+    handler: ray.init drops the "ray" logger's handlers."""
+    import logging
+
+    import ray  # noqa: F401 - its import sets the "ray" logger up; this comes after
+
+    logging.getLogger("ray").setLevel(logging.ERROR)
+
+
 def _load_runner(model: Path | None, device: str | None, cross_layers: int | None = None,  # noqa: ANN202
                  dtype: DtypeChoice = "auto"):
     from indexer.encoding import ModelRunner

@@ -87,15 +87,26 @@ def synth(
     heldout_seed: Annotated[int | None, typer.Option(
         help="Hold out the (colour, shape, motion) triples of the corpus with this seed instead: a fresh test "
              "corpus whose unseen combinations stayed out of a model's training.")] = None,
+    long: Annotated[bool, typer.Option(
+        "--long", help="The moment benchmark instead: --n long videos of --events scenes each (cut hard, "
+                       "3-4.5 s each), plus one of --long-events; one caption per event, its time span recorded "
+                       "for `eval`.")] = False,
+    events: Annotated[int, typer.Option(min=1, help="With --long: events per video.")] = 6,
+    long_events: Annotated[int, typer.Option(min=0, help="With --long: events of the one extra long video "
+                                                         "(0: none).")] = 40,
     as_json: AsJson = False,
 ) -> None:
     """Write a synthetic video-caption benchmark: real MP4 files whose captions need motion,
     temporal order and attribute binding to match (train / val / test splits, hard negatives,
-    held-out combinations in test)."""
+    held-out combinations in test). With --long, the moment benchmark: long videos whose
+    captions each describe one stretch of known start and end."""
     from rich.progress import Progress
 
     from pvl_search.data.synth import generate_corpus
 
+    if long:
+        _synth_long(out, n, seed, size, fps, events, long_events, as_json)
+        return
     try:
         with Progress(console=err_console, disable=as_json) as bar:
             task = bar.add_task("rendering", total=n)
@@ -108,6 +119,27 @@ def synth(
         print(json.dumps(summary.to_dict()))
         return
     console.print(views.synth_table(summary))
+    console.print(f"captions: {summary.captions_path}")
+
+
+def _synth_long(out: Path, videos: int, seed: int, size: int, fps: int, events: int, long_events: int,
+                as_json: bool) -> None:
+    from rich.progress import Progress
+
+    from pvl_search.data.long_synth import generate_long_corpus
+
+    try:
+        with Progress(console=err_console, disable=as_json) as bar:
+            task = bar.add_task("rendering", total=videos + (long_events > 0))
+            summary = generate_long_corpus(out, videos, events, seed, long_events=long_events, size=size, fps=fps,
+                                           progress=lambda done, total: bar.update(task, completed=done))
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        print(json.dumps(summary.to_dict()))
+        return
+    console.print(f"{summary.videos} long videos, {summary.events} events, {summary.seconds / 60:.1f} min in "
+                  f"{summary.out_dir} ({summary.bytes_on_disk / 1e6:.1f} MB)")
     console.print(f"captions: {summary.captions_path}")
 
 

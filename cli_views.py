@@ -46,33 +46,46 @@ def status_table(stats: Any, index_dir: Path) -> Table:
     table.add_row("model", f"{fingerprint[:12] if fingerprint else '-'} (hidden {model.get('hidden')}, "
                   f"N={model.get('latents')}, {model.get('frames')} frames)")
     table.add_row("encoded in", (stats.encode_dtype or "not recorded").replace(",", " + "))
+    windows = stats.windows
+    table.add_row("windows", "not recorded (an older index)" if windows is None
+                  else f"{windows.window_s:g} s every {windows.stride_s:g} s")
     return table
 
 
 def search_table(result: Any, query: str, rerank: str) -> Table:
     """`search` (indexer.search.searcher.SearchResult)."""
     table = Table(title=f"{query!r} ({rerank} rerank, {result.dtype}, {result.timings_ms['total']:.0f} ms)")
-    for column in ("#", "score", "retrieval", "rerank", "moment", "path"):
-        table.add_column(column, justify="right" if column not in ("moment", "path") else "left", overflow="fold")
+    for column in ("#", "score", "retrieval", "rerank", "moment", "also", "path"):
+        table.add_column(column, justify="left" if column in ("moment", "also", "path") else "right", overflow="fold")
     for hit in result.hits:
         best = hit.best
         table.add_row(
             str(hit.rank), f"{hit.score:.3f}", f"{best.retrieval_score:.3f}",
             "-" if best.rerank_score is None else f"{best.rerank_score:.2f}",
-            f"{best.start_s:.1f}-{best.end_s:.1f} s", hit.path,
+            moment_text(hit), ", ".join(_span(m.start_s, m.end_s) for m in hit.moments[1:]), hit.path,
         )
     return table
 
 
-def example_table(query: str, wanted: str, hits: list[Any]) -> Table:
-    """One demo query: its top videos, the wanted one marked."""
-    table = Table(title=f"{query!r}  (wanted: {Path(wanted).name})")
+def _span(start: float, end: float) -> str:
+    return f"{start:.1f}-{end:.1f} s"
+
+
+def moment_text(hit: Any) -> str:
+    """A hit's best moment (its best segment when it has none)."""
+    best = hit.moments[0] if hit.moments else hit.best
+    return _span(best.start_s, best.end_s)
+
+
+def example_table(query: str, wanted: str, hits: list[Any], span: tuple[float, float] | None = None) -> Table:
+    """One demo query: its top videos, the wanted one (and, in a long video, its time) marked."""
+    at = "" if span is None else f" at {_span(*span)}"
+    table = Table(title=f"{query!r}  (wanted: {Path(wanted).name}{at})")
     for column in ("#", "score", "moment", "video"):
         table.add_column(column, overflow="fold")
     for hit in hits:
         mark = " <- wanted" if hit.path == wanted else ""
-        table.add_row(str(hit.rank), f"{hit.score:.2f}", f"{hit.best.start_s:.1f}-{hit.best.end_s:.1f} s",
-                      Path(hit.path).name + mark)
+        table.add_row(str(hit.rank), f"{hit.score:.2f}", moment_text(hit), Path(hit.path).name + mark)
     return table
 
 
@@ -120,9 +133,25 @@ def eval_tables(report: Any, title: str) -> list[Any]:
     twins = [m for m in report.methods if m.groups]
     if twins:
         out.append(_twin_table(twins))
+    if report.moments is not None:
+        out.append(moment_table(report.moments, f"moments: {report.moments.queries} captions with known time "
+                                                "spans, default search"))
     out.append(f"{report.n_queries} queries over {report.n_videos} videos ({report.n_segments} segments); "
                f"chance R@1 = {report.chance_r1:.2f}")
     return out
+
+
+def moment_table(m: Any, title: str) -> Table:
+    """The moment metrics (indexer.evaluate.report.MomentReport), searched with the defaults."""
+    table = Table(title=title)
+    columns = ("video R@1", "R@1 IoU≥0.5", "R@1 IoU≥0.7", "start error s (median)", "any moment IoU≥0.5",
+               "moments/result", "p50 ms")
+    for column in columns:
+        table.add_column(column, justify="right", overflow="fold")
+    error = "-" if m.median_start_error_s is None else f"{m.median_start_error_s:.2f}"
+    table.add_row(f"{m.video_r1:.1f}", f"{m.r1_iou50:.1f}", f"{m.r1_iou70:.1f}", error,
+                  f"{m.any_moment_r1_iou50:.1f}", f"{m.mean_moments:.2f}", f"{m.latency_p50_ms:.1f}")
+    return table
 
 
 def _subset_table(rows: list[tuple]) -> Table:

@@ -6,6 +6,7 @@ Layer 3, beside cli.py: it parses HTTP requests, calls indexer.search.searcher a
 the server runs become searchable without a restart.
 
     GET /search?q=...&k=&rerank_k=&rerank=&fusion=&glob=&min_duration=&max_duration=&since=
+    GET /search?like=SEGMENT_ID&k=&glob=&min_duration=&max_duration=&since=   more like this moment
     GET /videos/{id}
     GET /videos/{id}/file[?download=1]   the video itself (HTTP Range: 206 Partial Content)
     GET /segments/{id}/thumbnail         JPEG of the segment, made at index time
@@ -14,11 +15,13 @@ the server runs become searchable without a restart.
 
 Files are looked up by id, never by path: only indexed videos that are still on disk, and
 thumbnails of live segments; anything else is 404. With a token (required to listen beyond
-loopback) every request needs it (pvl_web.auth).
+loopback) every request needs it (pvl_web.auth). `serve` answers only requests whose Host names
+this server (pvl_web.hosts: loopback names, its address, --allowed-host), against DNS rebinding.
 
 Errors are JSON `{"detail": ...}`: 422 for a parameter of the wrong type (FastAPI's
 validation; a long input is cut short in the echo), 400 for a request the searcher refuses
-(indexer/search/request.py, the same rules as `pvl-search search`), 404 for an unknown video, 429
+(indexer/search/request.py, the same rules as `pvl-search search`; `q` with `like`), 404 for an
+unknown video or `like` segment, 429
 with Retry-After when the single-stream rerank slots are all busy, 503 with a one-line reason
 while the index cannot be read (it recovers by itself when the index is back), 500
 `"internal error"` (logged, never a traceback) for anything else.
@@ -26,6 +29,10 @@ while the index cannot be read (it recovers by itself when the index is back), 5
 The server follows its index folder: if it is replaced (deleted and restored, rebuilt) the
 next request reopens it. Single-stream rerank decodes every candidate again; at most
 `single_slots` such requests run at once, so they never queue up in front of plain searches.
+
+Every hit carries its moments and a relevance timeline (indexer/search/moments.py) and the
+URLs of its file and thumbnails (pvl_web.present). `like` searches with a stored segment's own
+embedding (Searcher.more_like): no text to encode, so it skips the batcher below.
 
 Searches that arrive within a few milliseconds of each other are answered together
 (indexer/search/batching.py: one text-encoder call and one SQL read of segment rows per batch);
@@ -35,15 +42,11 @@ the window.
 
 from __future__ import annotations
 
-import logging
-import math
 import socket
-import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -51,7 +54,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from indexer.errors import IndexStoreError, NotFoundError
 from indexer.paths import relative_shown
 from indexer.precision import DtypeChoice
 from indexer.search.batching import BATCH_WINDOW_S, MAX_BATCH, QueryBatcher
@@ -68,100 +70,20 @@ from indexer.search.request import (
 )
 from indexer.search.searcher import Searcher, SearchResult
 from indexer.search.state import QUERY_CACHE
-from indexer.store.media_files import MediaFile, MediaNotFound, has_thumbnail, media_type, thumbnail_file, video_file
+from indexer.store.media_files import thumbnail_file, video_file
 from pvl_search.ranking import FUSION_HELP
 from pvl_web import PAGE, PAGE_CSP, STATIC_DIR
 from pvl_web.auth import TokenGate, check_token, is_loopback
+from pvl_web.files import MediaResponse, content_disposition
+from pvl_web.guards import SingleStreamGate, found, guarded, known
+from pvl_web.hosts import AllowedHosts, HostGate
+from pvl_web.present import json_safe, search_json
 
 SINGLE_SLOTS = 1  # single-stream rerank requests running at once; more wait in the client
 ECHO_CHARS = 80  # a 422 shows at most this much of the input it refuses
 
-log = logging.getLogger("pvl_search.server")
-
-T = TypeVar("T")
 # Media answers: private (the token may guard them), revalidated (a file may change), never sniffed.
 MEDIA_HEADERS = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
-
-
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats -> None (JSON has no inf/NaN; a file that went bad after indexing
-    scores -inf in the single-stream rerank)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _internal_error(exc: BaseException) -> HTTPException:
-    log.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=exc)
-    return HTTPException(status_code=500, detail="internal error")
-
-
-def guarded(fn: Callable[[], T]) -> T:
-    """Run `fn`; domain errors -> 400/503, anything else -> 500."""
-    try:
-        return fn()
-    except HTTPException:
-        raise
-    except SearchError as exc:
-        raise HTTPException(status_code=400, detail=str(exc)) from None
-    except (IndexStoreError, OSError) as exc:  # index missing, unreadable, database down
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("index unavailable: %s", reason)
-        raise HTTPException(status_code=503, detail=reason, headers={"Retry-After": "5"}) from None
-    except Exception as exc:
-        raise _internal_error(exc) from None
-
-
-def found(lookup: Callable[[], MediaFile]) -> MediaFile:
-    """A media lookup (SQL only, no lock); nothing to serve -> 404."""
-    def run() -> MediaFile:
-        try:
-            return lookup()
-        except MediaNotFound as exc:
-            raise HTTPException(status_code=404, detail=str(exc)) from None
-
-    return guarded(run)
-
-
-class SingleStreamGate:
-    """Single-stream rerank decodes and re-encodes every candidate: at most `slots` run at
-    once, and a request finding every slot taken is turned away at once (429) rather than
-    queued in front of the plain searches, which then wait for at most `slots` of them."""
-
-    def __init__(self, slots: int) -> None:
-        self.slots = slots
-        self._free = threading.BoundedSemaphore(slots)
-        self._last_seconds = 1.0  # how long the last one took: the Retry-After hint
-
-    def run(self, fn: Callable[[], T]) -> T:
-        if not self._free.acquire(blocking=False):
-            raise HTTPException(status_code=429, headers={"Retry-After": str(max(1, math.ceil(self._last_seconds)))},
-                                detail=f"busy: {self.slots} single-stream rerank request(s) running; "
-                                "retry later or use rerank=mixed")
-        try:
-            started = time.monotonic()
-            result = fn()
-            self._last_seconds = time.monotonic() - started
-            return result
-        finally:
-            self._free.release()
-
-
-def _with_links(result: SearchResult, searcher: Searcher, path_root: str | Path | None) -> dict:
-    """A search answer as JSON, each hit with the URLs of its thumbnail and file."""
-    body = _json_safe(result.to_dict())
-    for hit in body["hits"]:
-        segment_id = hit["best"]["segment_id"]
-        has_one = has_thumbnail(searcher.store, segment_id)
-        hit["thumbnail_url"] = f"/segments/{segment_id}/thumbnail" if has_one else None
-        hit["video_url"] = f"/videos/{hit['video_id']}/file"
-        hit["media_type"] = media_type(hit["path"])  # the page asks the browser if it plays it
-        hit["path"] = relative_shown(hit["path"], path_root)
-    return body
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -176,7 +98,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             if isinstance(text, str) and len(text) > ECHO_CHARS:
                 error["input"] = text[:ECHO_CHARS] + "..."
             errors.append(error)
-        return JSONResponse({"detail": _json_safe(errors)}, status_code=422)
+        return JSONResponse({"detail": json_safe(errors)}, status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, _exc: Exception) -> JSONResponse:
@@ -188,7 +110,13 @@ def _add_search_route(app: FastAPI, searcher: Searcher, batcher: QueryBatcher, g
                       path_root: str | Path | None) -> None:
     @app.get("/search")
     def search(
-        q: Annotated[str, Query(description=f"What to look for, in words (at most {MAX_QUERY_CHARS} characters).")],
+        q: Annotated[str | None, Query(
+            description=f"What to look for, in words (at most {MAX_QUERY_CHARS} characters); or give `like`."
+        )] = None,
+        like: Annotated[int | None, Query(
+            ge=0, le=2**63 - 1, description="More like this moment: a segment id from a hit's `moments` or `best`. "
+            "Searches with that segment's own embedding (retrieval only) instead of `q`; the filters and `k` apply."
+        )] = None,
         k: Annotated[int, Query(description=f"Videos to return (1 to {MAX_K}).")] = DEFAULT_K,
         rerank_k: Annotated[int | None, Query(description=f"Segments retrieved and reranked (1 to {MAX_RERANK_K}; "
                                               f"default: the model's choice, else {DEFAULT_RERANK_K}).")] = None,
@@ -211,30 +139,42 @@ def _add_search_route(app: FastAPI, searcher: Searcher, batcher: QueryBatcher, g
             "offset), or this many seconds since 1970."
         )] = None,
     ) -> dict:
+        if like is not None:
+            _like_only(q, rerank, rerank_k, fusion)
+        elif q is None:  # what FastAPI answers for a missing required parameter
+            raise RequestValidationError([{"type": "missing", "loc": ("query", "q"), "msg": "Field required",
+                                           "input": None}])
         try:  # the same rules as `pvl-search search` (indexer/search/request.py)
-            request = search_request(q, k=k, rerank_k=rerank_k, rerank=rerank, fusion=fusion, glob=glob,
-                                     min_duration=min_duration, max_duration=max_duration, since=since)
+            request = search_request("like" if like is not None else q, k=k, rerank_k=rerank_k, rerank=rerank,
+                                     fusion=fusion, glob=glob, min_duration=min_duration,
+                                     max_duration=max_duration, since=since)
         except SearchError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
-        if searcher.is_slow(request):  # the reranker it resolves to, "auto" included
+        result: SearchResult
+        if like is not None:  # no text to encode: not through the batcher (this runs in the thread pool)
+            result = known(lambda: searcher.more_like(like, k=request.k, filters=request.filters))
+        elif searcher.is_slow(request):  # the reranker it resolves to, "auto" included
             result = gate.run(lambda: guarded(lambda: batcher.submit(request)))
         else:
             result = guarded(lambda: batcher.submit(request))
-        return _with_links(result, searcher, path_root)
+        return guarded(lambda: search_json(result, searcher.store, path_root))
+
+
+def _like_only(q: str | None, rerank: str, rerank_k: int | None, fusion: str | None) -> None:
+    """`like` searches by a stored embedding: a text, or a reranker (which reads one), is refused."""
+    if q is not None:
+        raise HTTPException(status_code=400, detail="give q (words) or like (a segment id), not both")
+    if rerank not in ("auto", "none") or rerank_k is not None or fusion is not None:
+        raise HTTPException(status_code=400, detail="like searches by the segment's embedding alone: "
+                            "rerank, rerank_k and fusion do not apply")
 
 
 def _add_index_routes(app: FastAPI, searcher: Searcher, path_root: str | Path | None) -> None:
     """Video metadata, health, the files (SQL only: no need to wait for a search), the page."""
     @app.get("/videos/{video_id}")
     def video(video_id: Annotated[int, PathParam(ge=0, le=2**63 - 1, description="A video id from /search.")]) -> dict:
-        def lookup() -> dict:
-            try:
-                video = searcher.video(video_id)
-            except NotFoundError as exc:
-                raise HTTPException(status_code=404, detail=str(exc)) from None
-            return {**video, "path": relative_shown(video["path"], path_root)}
-
-        return _json_safe(guarded(lookup))  # SQL only: no need to wait for a search
+        video = known(lambda: searcher.video(video_id))  # SQL only: no need to wait for a search
+        return json_safe({**video, "path": relative_shown(video["path"], path_root)})
 
     @app.get("/health")
     def health() -> dict:
@@ -248,15 +188,15 @@ def _add_index_routes(app: FastAPI, searcher: Searcher, path_root: str | Path | 
     ) -> FileResponse:
         media = found(lambda: video_file(searcher.store, video_id))
         # FileResponse answers Range requests (206, 416) itself: what <video> seeks with.
-        return FileResponse(media.path, media_type=media.media_type, headers=MEDIA_HEADERS,
-                            filename=media.path.name if download else None)
+        saved = {"Content-Disposition": content_disposition(media.path.name)} if download else {}
+        return MediaResponse(media.path, media_type=media.media_type, headers={**MEDIA_HEADERS, **saved})
 
     @app.api_route("/segments/{segment_id}/thumbnail", methods=["GET", "HEAD"])
     def thumbnail(
         segment_id: Annotated[int, PathParam(ge=0, le=2**63 - 1, description="A segment id from /search.")],
     ) -> FileResponse:
         media = found(lambda: thumbnail_file(searcher.store, segment_id))
-        return FileResponse(media.path, media_type=media.media_type, headers=MEDIA_HEADERS)
+        return MediaResponse(media.path, media_type=media.media_type, headers=MEDIA_HEADERS)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -273,15 +213,19 @@ def create_app(
     single_slots: int = SINGLE_SLOTS,
     batch_window_s: float = BATCH_WINDOW_S,
     max_batch: int = MAX_BATCH,
+    allowed_hosts: AllowedHosts | None = None,
 ) -> FastAPI:
     """The API and the page over an open Searcher (the caller owns it and closes it); with a
     `token`, every request must carry it (pvl_web.auth). `docs`: serve /docs, /redoc and
     /openapi.json. `path_root`: show video paths relative to this folder (a file outside it
     by its name alone), so answers do not expose the host's folders. Searches arriving
     within `batch_window_s` of each other are answered together, up to `max_batch` at once
-    (indexer/search/batching.py); each answer is the one the request gets alone."""
+    (indexer/search/batching.py); each answer is the one the request gets alone.
+    `allowed_hosts`: else 403 (pvl_web.hosts); None: no Host check (in-process use; serve sets it)."""
     # The model is not safe for concurrent use, and a search refreshes the index view in
-    # place: every search goes through the batcher, whose one worker thread runs them.
+    # place: every text search goes through the batcher, whose one worker thread runs them.
+    # A `like` search uses no model: like /videos it runs in the pool, on the reader's own
+    # locking (its FAISS search holds the lock a refresh takes).
     # Endpoints are plain functions, so FastAPI runs them in its thread pool, where they
     # wait for their answer while the event loop stays free.
     batcher = QueryBatcher(lambda requests: searcher.run_many(requests), slow=searcher.is_slow,
@@ -308,6 +252,8 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if token is not None:
         app.add_middleware(TokenGate, token=token)
+    if allowed_hosts is not None:  # added last: the outermost, before the token gate
+        app.add_middleware(HostGate, allowed=allowed_hosts)
     return app
 
 
@@ -329,21 +275,24 @@ def serve(
     batch_window_s: float = BATCH_WINDOW_S,
     max_batch: int = MAX_BATCH,
     query_cache: int = QUERY_CACHE,
+    allowed_hosts: Sequence[str] = (),
 ) -> None:
     """Bind the address, load the model and open the index once, then answer HTTP until
     interrupted (SIGINT / SIGTERM). `on_ready(url)` is called once requests are accepted.
     Any address but loopback needs a `token`, which every request must then carry.
     `docs` (/docs, /redoc): None serves them on loopback only. `path_root`, `batch_window_s`,
     `max_batch`: see create_app. `dtype`: what the model runs in (indexer/precision.py);
-    `query_cache`: query encodings kept for repeated texts.
+    `query_cache`: query encodings kept for repeated texts. A request's Host must be a loopback
+    name, `host` or one of `allowed_hosts`, else 403 (pvl_web.hosts: the whole rule).
 
     Everything that can fail at start-up fails here, before serving, as an exception for the
-    caller to report in one line: ValueError (no token, or a short one, where one is needed),
-    OSError (the address is taken or not ours), then CheckpointError, IndexStoreError /
-    ModelMismatchError (no index, another model)."""
+    caller to report in one line: ValueError (no token where one is needed, a short or
+    non-ASCII one, an allowed host that is no name), OSError (the address is taken or not
+    ours), then CheckpointError, IndexStoreError / ModelMismatchError (no index, another model)."""
     import uvicorn
 
     check_token(host, token)
+    hosts = AllowedHosts.for_bind(host, allowed_hosts)
     docs = is_loopback(host) if docs is None else docs
     if path_root is not None and not Path(path_root).is_dir():
         raise ValueError(f"path root {path_root}: no such folder")
@@ -353,7 +302,7 @@ def serve(
                       dtype=dtype, query_cache=query_cache) as searcher:
             searcher.runner.encode_queries(["warm up"])  # first-call costs are paid before the first user
             app = create_app(searcher, token=token, docs=docs, path_root=path_root,
-                             batch_window_s=batch_window_s, max_batch=max_batch)
+                             batch_window_s=batch_window_s, max_batch=max_batch, allowed_hosts=hosts)
             server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
             if on_ready is not None:
                 bound_host, bound_port = sock.getsockname()[:2]

@@ -13,7 +13,7 @@ import torch
 
 from indexer.precision import DtypeChoice, choose_dtype, dtype_name
 from pvl_search.media.video import to_model_input
-from pvl_search.model.checkpoint import load_model, load_search_defaults, weights_fingerprint
+from pvl_search.model.checkpoint import load_clip_seconds, load_model, load_search_defaults, weights_fingerprint
 from pvl_search.model.defaults import DEFAULT_MODEL_DIR, pick_device
 from pvl_search.model.joint_reranker import JointReranker, load_reranker
 from pvl_search.model.perceiver import PerceiverVL
@@ -50,8 +50,10 @@ class ModelRunner:
         dtype: DtypeChoice = "auto",
         search_defaults: dict | None = None,
         reranker: JointReranker | None = None,
+        clip_s: float | None = None,
     ) -> None:
         self.device = pick_device(device)
+        self.clip_s = clip_s  # the clip length it was trained on (clip.json): index windows follow it
         self.search_defaults = search_defaults or {}  # e.g. {"rerank": "latent"}: what validation chose
         # Cast weights, not autocast (BENCHMARKS.md, "Measured facts"): bf16 on CUDA and on CPUs with native bf16.
         # What leaves the runner is float32 either way, so indexes stay comparable.
@@ -78,7 +80,8 @@ class ModelRunner:
     ) -> ModelRunner:
         folder = Path(folder) if folder else DEFAULT_MODEL_DIR
         return cls(load_model(folder), weights_fingerprint(folder), device=device, cross_layers=cross_layers,
-                   dtype=dtype, search_defaults=load_search_defaults(folder), reranker=load_reranker(folder))
+                   dtype=dtype, search_defaults=load_search_defaults(folder), reranker=load_reranker(folder),
+                   clip_s=load_clip_seconds(folder))
 
     @property
     def dtype_name(self) -> str:

@@ -3,7 +3,9 @@
 `static/` is plain HTML, CSS and JavaScript, shipped as package data and served as they are:
 no build step, no node toolchain, and nothing the page loads comes from another host (its
 Content-Security-Policy says so to the browser). `auth` is the token gate for a server that
-listens beyond the loopback interface.
+listens beyond the loopback interface, `hosts` the Host check against DNS rebinding, `files`
+how a media file is sent (Range, Content-Disposition), `guards` how the library's errors
+become HTTP answers, `present` a search answer as the JSON of `/search` (with media URLs).
 """
 
 from __future__ import annotations

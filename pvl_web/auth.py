@@ -40,7 +40,12 @@ def is_loopback(host: str) -> bool:
 
 
 def check_token(host: str, token: str | None) -> None:
-    """Refuse (ValueError) to listen beyond loopback without a token, or with a weak one."""
+    """Refuse (ValueError) to listen beyond loopback without a token, or with a weak one, or
+    with one no client could send (HTTP headers and cookies carry visible ASCII only)."""
+    if token is not None and not all("!" <= c <= "~" for c in token):
+        # Never echo it: it is a secret (and may not even print).
+        raise ValueError("the token must be visible ASCII characters only (letters, digits, punctuation; "
+                         "no spaces or accents): HTTP headers cannot carry others")
     if token is not None and len(token) < MIN_TOKEN_CHARS:
         raise ValueError(f"the token must be at least {MIN_TOKEN_CHARS} characters long, got {len(token)}")
     if token is None and not is_loopback(host):

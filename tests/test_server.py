@@ -43,8 +43,9 @@ VIDEOS = [
     ("yellow.mp4", (230, 220, 20), 2.5),
     ("stripes.mp4", None, 4.0),
 ]
-SEARCH_KEYS = {"query", "rerank", "truncated", "timings_ms", "hits", "dtype", "index_dtype"}
-HIT_KEYS = {"rank", "video_id", "path", "duration", "score", "best", "thumbnail_url", "video_url", "media_type"}
+SEARCH_KEYS = {"query", "rerank", "truncated", "timings_ms", "hits", "dtype", "index_dtype", "windows"}
+HIT_KEYS = {"rank", "video_id", "path", "duration", "score", "best", "thumbnail_url", "video_url", "media_type",
+            "moments", "timeline"}
 SEGMENT_KEYS = {"segment_id", "start_s", "end_s", "retrieval_score", "rerank_score", "score"}
 
 

@@ -132,6 +132,10 @@ def test_cli_trains_on_a_synthetic_corpus_with_twin_groups(tmp_path) -> None:
     assert len(epochs) == 2 and all("val_reranked" in e for e in epochs)
     mixed_inputs = preset("tiny").replace(text_mixer_layers=1, temporal_kernel=3)
     assert load_model(tmp_path / "run" / "best").config == mixed_inputs  # the flags reach the saved config
+    # The clip length it trained on (1.5 s videos), so `index` cuts windows that fit it.
+    from pvl_search.model.checkpoint import load_clip_seconds
+
+    assert load_clip_seconds(tmp_path / "run" / "best") == 1.5
     # Twins share a group label (four videos each); the cache built by the run is reused.
     datasets, failed = load_pair_sets(captions, preset("tiny"), tmp_path / "run" / "frame-cache")
     train_groups = datasets["train"].groups

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.encoding import ModelRunner
+from indexer.evaluate.moments import evaluate_moments, moment_queries
 from indexer.evaluate.report import (
     DEFAULT_RERANK_KS,
     EXHAUSTIVE,
@@ -191,12 +192,15 @@ def evaluate_index(
             progress(EvalProgress(done, len(queries)))
     subset_sizes = _subset_sizes(queries)
     methods = tally.results(queries, subset_sizes)
+    # Captions with known time spans (`synth --long`) are also searched as a user would.
+    spans = [q for q in moment_queries(records, split) if corpus.video_of(q.path) is not None]
+    moments = evaluate_moments(searcher, spans) if spans else None
     return EvalReport(
         captions=str(Path(captions_path).absolute()), split=split, fusion=fusion, n_queries=len(queries),
         n_videos=len(corpus.starts), n_segments=len(corpus.segment_ids), n_split_videos=n_split,
         n_missing=n_missing, chance_r1=100.0 / len(corpus.starts), methods=methods,
         subset_key=subset_key if subset_sizes else None, subset_sizes=subset_sizes,
-        seconds=time.perf_counter() - began,
+        seconds=time.perf_counter() - began, moments=moments,
     )
 
 

@@ -43,6 +43,23 @@ class MethodResult:
 
 
 @dataclass
+class MomentReport:
+    """Moment retrieval with the default search (indexer/evaluate/moments.py); rates in %."""
+
+    queries: int
+    video_r1: float
+    r1_iou50: float
+    r1_iou70: float
+    median_start_error_s: float | None  # None: no caption found its video first
+    any_moment_r1_iou50: float
+    mean_moments: float  # moments returned with the first result, on average
+    latency_p50_ms: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class EvalReport:
     """Queries are the split's captions in caption-file order (video by video, each video's
     captions in order), skipping videos the index does not hold; `MethodResult.ranks` follow
@@ -61,6 +78,7 @@ class EvalReport:
     subset_key: str | None = None
     subset_sizes: dict[str, int] = field(default_factory=dict)  # label -> queries
     seconds: float = 0.0  # wall time of the whole evaluation
+    moments: MomentReport | None = None  # when the captions carry time spans (indexer/evaluate/moments.py)
 
     def method(self, name: str, k: int | None = None) -> MethodResult:
         for m in self.methods:
@@ -100,4 +118,6 @@ class EvalReport:
             raw = dict(raw)
             raw["metrics"] = RetrievalMetrics(**raw["metrics"])
             methods.append(MethodResult(**raw))
+        if data.get("moments") is not None:
+            data["moments"] = MomentReport(**data["moments"])
         return cls(methods=methods, **data)

@@ -1,7 +1,8 @@
 """Decode in worker processes and encode in batches on this machine: the local producer of an
 indexing run. It yields each planned file, in plan order, as an `EncodedVideo` or a
 `FailedVideo`; a failure is yielded as soon as it is known (before videos still waiting for
-their clips to be encoded), so the writer records it at once."""
+their clips to be encoded), so the writer records it at once. Meanwhile it yields `Underway`
+as clips of files not yet finished are decoded and encoded (the progress bar)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import numpy as np
 
 from indexer.encoding import EncodedClips, ModelRunner
 from indexer.ingest.options import IndexOptions
-from indexer.ingest.produced import EncodedVideo, FailedVideo, Produced
+from indexer.ingest.produced import EncodedVideo, FailedVideo, Produced, Underway
 from indexer.store.records import SegmentInfo
-from pvl_search.media.decode_dispatch import DecodedVideo
+from pvl_search.media.decode_dispatch import DecodedVideo, DecodeProgress
 from pvl_search.media.decode_pool import DecodePool
 from pvl_search.media.thumbnails import clip_thumbnail
 from pvl_search.media.types import VideoDecodeError
@@ -45,31 +46,34 @@ def local_encoded(
     config = runner.config
     windows = Windows(options.window_s, options.stride_s)
     jobs = ((i, str(path), windows, config.frames, config.frame_size) for i, (path, _, _) in enumerate(todo))
-    for item in _encode_batches(_decoded(pool.imap(jobs), todo), runner, options):
-        if isinstance(item, FailedVideo):
+    for item in _encode_batches(_decoded(pool.imap(jobs, progress=True), todo), runner, options):
+        if isinstance(item, _Pending):
+            yield _finished(item, runner, options)
+        else:
             yield item
-            continue
-        yield _finished(item, runner, options)
 
 
-def _decoded(results: Iterator, todo: list[Planned]) -> Iterator[_Pending | FailedVideo]:
+def _decoded(results: Iterator, todo: list[Planned]) -> Iterator[_Pending | FailedVideo | Underway]:
     for key, result in results:
         path, stat, fingerprint = todo[key]
-        if isinstance(result, VideoDecodeError):
+        if isinstance(result, DecodeProgress):
+            yield Underway(str(path), result.clips, 0, result.planned)
+        elif isinstance(result, VideoDecodeError):
             yield FailedVideo(str(path), stat, fingerprint, result.reason)
         else:
             yield _Pending(str(path), stat, fingerprint, result)
 
 
 def _encode_batches(
-    videos: Iterator[_Pending | FailedVideo], runner: ModelRunner, options: IndexOptions
-) -> Iterator[_Pending | FailedVideo]:
+    videos: Iterator[_Pending | FailedVideo | Underway], runner: ModelRunner, options: IndexOptions
+) -> Iterator[_Pending | FailedVideo | Underway]:
     """Encode clips in batches that may span several videos; yield each video once all of
-    its clips are encoded, in order (failures pass straight through)."""
+    its clips are encoded, in order (failures and progress pass straight through), and the
+    progress of a video whose clips are only partly encoded."""
     waiting: list[_Pending] = []
     queue: list[tuple[_Pending, int]] = []  # (video, clip index) not yet encoded
 
-    def run_batch() -> None:
+    def run_batch() -> Iterator[Underway]:
         batch, queue[:] = queue[: options.batch_size], queue[options.batch_size :]
         frames = np.stack([v.decoded.clips[i].frames for v, i in batch])
         masks = np.stack([v.decoded.clips[i].mask for v, i in batch])
@@ -77,22 +81,26 @@ def _encode_batches(
         for row, (video, _) in enumerate(batch):
             video.parts.append(_rows(encoded, row))
             video.encoded += 1
+        for video in {id(v): v for v, _ in batch}.values():  # each once, in order
+            clips = len(video.decoded.clips)
+            if video.encoded < clips:
+                yield Underway(video.path, clips, video.encoded, clips)
 
     def finished() -> Iterator[_Pending]:
         while waiting and waiting[0].encoded == len(waiting[0].decoded.clips):
             yield waiting.pop(0)
 
     for video in videos:
-        if isinstance(video, FailedVideo):
+        if not isinstance(video, _Pending):
             yield video
             continue
         waiting.append(video)
         queue.extend((video, i) for i in range(len(video.decoded.clips)))
         while len(queue) >= options.batch_size:
-            run_batch()
+            yield from run_batch()
         yield from finished()
     while queue:
-        run_batch()
+        yield from run_batch()
     yield from finished()
 
 
@@ -109,7 +117,7 @@ def _finished(video: _Pending, runner: ModelRunner, options: IndexOptions) -> En
         video.path, video.stat, video.fingerprint, decoded.spans, decoded.info,
         np.concatenate([p.embeddings for p in video.parts]),
         np.concatenate([p.rerank_states for p in video.parts]),
-        latents, thumbnails, runner.dtype_name,
+        latents, thumbnails, runner.dtype_name, decoded.log.lines, decoded.log.text,
     )
 
 

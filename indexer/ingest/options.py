@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pvl_search.media.backends import Backend
-from pvl_search.media.windows import DEFAULT_STRIDE_S, DEFAULT_WINDOW_S
 
 if TYPE_CHECKING:
     from indexer.ingest.ray_producer import RayOptions
@@ -15,8 +14,11 @@ if TYPE_CHECKING:
 
 @dataclass(kw_only=True)
 class IndexOptions:
-    window_s: float = DEFAULT_WINDOW_S  # segment length; shorter videos are one segment
-    stride_s: float = DEFAULT_STRIDE_S  # at most this far between segment starts
+    # Segment length (shorter videos are one segment) and the most between segment starts;
+    # None: the rule in indexer/ingest/window_choice.py (the index's, else the model's own).
+    window_s: float | None = None
+    stride_s: float | None = None
+    reindex: bool = False  # cut and encode every video again (to move an index to other windows)
     batch_size: int = 8  # clips per encoder call
     workers: int = 2  # decoder processes
     timeout_s: float = 60.0  # a decoder making no progress this long is killed
@@ -37,7 +39,9 @@ class IndexProgress:
     done: int  # videos finished (indexed or failed) in this run
     total: int  # videos to process in this run
     segments: int  # segments written so far
-    path: str  # the video just finished
+    path: str  # the video just finished, or the one under way that moved
+    partial: float = 0.0  # files under way, each the share of it done: done + partial moves within a long file
+    segments_underway: int = 0  # segments encoded of files not yet written
 
 
 @dataclass
@@ -51,6 +55,10 @@ class IndexSummary:
     seconds: float = 0.0
     thumbnails_added: int = 0  # thumbnails made for segments indexed without them
     dtype: str = "float32"  # what the model ran in (indexer/precision.py)
+    decoder_messages: int = 0  # lines the decoders (FFmpeg, decord) wrote to stderr, in decoder_log
+    decoder_log: str | None = None  # where they are (the index folder's decoder.log), when any
+    windows: dict | None = None  # what videos were cut into: {"window_s", "stride_s"}
+    reindex_hint: str | None = None  # the offer to re-cut the index to the model's own windows
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

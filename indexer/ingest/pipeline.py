@@ -9,6 +9,7 @@ videos not yet written; the index stays consistent (the protocol in indexer/stor
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +26,7 @@ from indexer.ingest.produced import Produced
 from indexer.ingest.writer import RunWriter
 from indexer.store.index_store import IndexStore
 from indexer.store.records import SegmentInfo
+from indexer.store.vectors.choice import parse_vectors
 from pvl_search.media.decode_pool import DecodePool
 
 __all__ = ["IndexOptions", "IndexProgress", "IndexSummary", "build_index", "rebuild_vectors"]
@@ -40,9 +42,10 @@ def build_index(
 ) -> IndexSummary:
     """Bring the index in line with the files under `paths`; see the module doc."""
     began = time.perf_counter()
+    _check_vectors_option(store, (options or IndexOptions()).vectors)
     writer = RunWriter(store, progress)
     options = writer.prepare(runner, options or IndexOptions())
-    planned = plan(paths, store, retry_failed=options.retry_failed)
+    planned = plan(paths, store, retry_failed=options.retry_failed, reindex=options.reindex)
     missing = writer.start(planned, runner.dtype_name)
     redo = {str(path) for path, _, _ in planned.todo}
     backfill = _by_video(missing, redo) if options.thumbnails else {}
@@ -85,15 +88,35 @@ def _by_video(segments: list[SegmentInfo], skip: set[str]) -> dict[str, list[Seg
     return {path: sorted(segs, key=lambda s: s.start_s) for path, segs in grouped.items()}
 
 
+def _check_vectors_option(store: IndexStore, option: str | None) -> None:
+    """An index run does not move an index's vectors (that is `rebuild_vectors`): another
+    `--vectors` than the index records is refused rather than ignored."""
+    current = store.layout
+    if option is None or current is None:
+        return
+    wanted = parse_vectors(option)
+    if wanted != current.vectors:
+        raise IndexStoreError(
+            f"index {store.directory} keeps its vectors in {current.vectors or 'faiss'}; to move them to "
+            f"{wanted or 'faiss'} run `pvl-search index --index {store.directory} --rebuild --vectors {option}` first"
+        )
+
+
 def rebuild_vectors(index_dir: str | Path, db_url: str | None = None, vectors: str | None = None) -> int:
     """Recreate the FAISS index (or the Milvus collection) from the stored embeddings alone;
-    returns its size. `vectors` ("faiss", "milvus:URI") moves the index to that store first.
+    returns its size. `vectors` ("faiss", "milvus:URI") moves the index to that store: built
+    there first, then recorded; a move that fails leaves the index on its old store.
 
     The writer lock comes first: while another process writes the index this refuses
     (IndexLockedError) and touches nothing."""
     if not (Path(index_dir).is_dir()):
         raise IndexStoreError(f"no index at {index_dir}")
     with IndexStore(index_dir, db_url) as store:
-        if vectors is not None:
-            store.switch_vectors(vectors)
-        return store.rebuild_vectors()
+        layout = store.layout
+        if vectors is not None and layout is None:
+            raise IndexStoreError(f"index {index_dir} has no model set: index some videos first")
+        if vectors is None or parse_vectors(vectors) == layout.vectors:
+            return store.rebuild_vectors()
+        config, fingerprint = store.model()
+        store.set_model(config, fingerprint, dataclasses.replace(layout, vectors=parse_vectors(vectors)))
+        return store.vectors.ntotal  # just built there from the stored embeddings

@@ -107,8 +107,10 @@ class Plan:
     scanned: int
 
 
-def plan(paths: Sequence[str | os.PathLike[str]], store: IndexStore, *, retry_failed: bool = False) -> Plan:
-    """What to do for each entry under `paths`, compared with what the index knows."""
+def plan(paths: Sequence[str | os.PathLike[str]], store: IndexStore, *, retry_failed: bool = False,
+         reindex: bool = False) -> Plan:
+    """What to do for each entry under `paths`, compared with what the index knows; `reindex`:
+    every readable file is indexed again, changed or not."""
     given = [Path(p).expanduser().absolute() for p in paths]
     roots = given + [Path(os.path.realpath(p)) for p in given]
     files, bad = scan(paths)
@@ -117,7 +119,7 @@ def plan(paths: Sequence[str | os.PathLike[str]], store: IndexStore, *, retry_fa
 
     def same(seen: KnownVideo | None, stat: os.stat_result | None) -> bool:
         """Known, not to be retried, and the same size and mtime: not even read."""
-        if seen is None or seen.status == VideoStatus.REMOVED.value or stat is None:
+        if seen is None or seen.status == VideoStatus.REMOVED.value or stat is None or reindex:
             return False
         if seen.status == VideoStatus.FAILED.value and retry_failed:
             return False
@@ -139,7 +141,8 @@ def plan(paths: Sequence[str | os.PathLike[str]], store: IndexStore, *, retry_fa
                 result.bad.append(entry)
             continue
         if (
-            seen is not None
+            not reindex
+            and seen is not None
             and seen.status == VideoStatus.INDEXED.value
             and seen.fingerprint == fingerprint
             and seen.size == stat.st_size

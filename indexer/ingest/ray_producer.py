@@ -19,9 +19,11 @@ per SQL transaction: SQL stays the source of truth and the vectors derived, as i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -70,6 +72,7 @@ class RemoteVideo:
     latents: np.ndarray | None  # (n, N * D) when the index keeps them
     thumbnails: list[bytes | None] | None
     dtype: str  # what the worker's model ran in
+    log: Any  # pvl_search.media.decode_worker.DecoderLog: what the decoder wrote to stderr
 
     def __len__(self) -> int:
         return len(self.embeddings)
@@ -98,7 +101,7 @@ class Encoder:
     def run(self, jobs: Sequence[tuple[int, str]]) -> list[tuple[int, str, Any]]:
         """[(key, path)] -> [(key, "ok", RemoteVideo) | (key, "failed", reason) |
         (key, "unreadable", "host: reason")]."""
-        from pvl_search.media.decode_worker import plan_windows
+        from pvl_search.media.decode_worker import captured_stderr, plan_windows
         from pvl_search.media.thumbnails import clip_thumbnail
         from pvl_search.media.video import VideoDecodeError, read_clips
         from pvl_search.media.windows import Windows
@@ -106,7 +109,7 @@ class Encoder:
         s = self.settings
         config = self.runner.config
         out: list[tuple[int, str, Any]] = []
-        decoded = []  # (key, spans, info, clips)
+        decoded = []  # (key, spans, info, clips, log)
         for key, path in jobs:
             try:
                 with open(path, "rb"):
@@ -115,17 +118,18 @@ class Encoder:
                 out.append((key, "unreadable", f"{socket.gethostname()}: {error.strerror or error}"))
                 continue
             try:
-                spans, info = plan_windows(Path(path), Windows(s["window_s"], s["stride_s"]))
-                clips = read_clips(path, spans, config.frames, config.frame_size, backend=s["backend"])
+                with captured_stderr() as log:  # FFmpeg's warnings, counted and logged by the writer
+                    spans, info = plan_windows(Path(path), Windows(s["window_s"], s["stride_s"]))
+                    clips = read_clips(path, spans, config.frames, config.frame_size, backend=s["backend"])
             except VideoDecodeError as error:
                 out.append((key, "failed", error.reason))
                 continue
             except Exception as error:  # noqa: BLE001 - any failure is this file's failure
                 out.append((key, "failed", f"{type(error).__name__}: {error}"))
                 continue
-            decoded.append((key, spans, info, clips))
-        frames = [c.frames for *_, clips in decoded for c in clips]
-        masks = [c.mask for *_, clips in decoded for c in clips]
+            decoded.append((key, spans, info, clips, log))
+        frames = [c.frames for _, _, _, clips, _ in decoded for c in clips]
+        masks = [c.mask for _, _, _, clips, _ in decoded for c in clips]
         parts = []
         for lo in range(0, len(frames), s["batch_size"]):  # clips of several files per encoder call
             parts.append(self.runner.encode_clips(np.stack(frames[lo : lo + s["batch_size"]]),
@@ -136,32 +140,92 @@ class Encoder:
             states = np.concatenate([p.rerank_states for p in parts])
             lat = np.concatenate([p.latents for p in parts]) if s["store_latents"] else None
         row = 0
-        for key, spans, info, clips in decoded:
+        for key, spans, info, clips, log in decoded:
             n = len(clips)
             thumbs = [clip_thumbnail(c.frames, c.mask) for c in clips] if s["thumbnails"] else None
             out.append((key, "ok", RemoteVideo(spans, info, emb[row : row + n], states[row : row + n],
                                                None if lat is None else lat[row : row + n], thumbs,
-                                               self.runner.dtype_name)))
+                                               self.runner.dtype_name, log)))
             row += n
         return out
 
 
+RAY_CONNECT_TIMEOUT_S = 10.0  # ray://: the client port must accept a TCP connection within this
+
+
 def connect(address: str, workers: int, gpus_per_worker: float) -> bool:
     """Join (or, for "local", start) Ray unless this process already did; True when this
-    call started it (and so must shut it down)."""
+    call started it (and so must shut it down). Every failure is one IndexStoreError line."""
     ray = _import_ray()
     if ray.is_initialized():
         return False
     if address == "local":
-        # Few resources and a small object store: results are streamed and written at once.
-        ray.init(num_cpus=workers, num_gpus=int(np.ceil(workers * gpus_per_worker)) or None,
-                 include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False,
-                 configure_logging=False)
-    elif address == "auto" or address.startswith("ray://"):
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        _start_local(ray, workers, gpus_per_worker)
+    elif address == "auto":
+        try:
+            ray.init(address="auto", log_to_driver=False, configure_logging=False)
+        except ConnectionError as error:
+            if "Could not find any running Ray instance" in str(error):  # Ray's advice names its own CLI flags
+                raise IndexStoreError("no Ray cluster found for --ray auto; start one with `ray start --head` "
+                                      "or use --ray local") from None
+            raise IndexStoreError(f"cannot join the Ray cluster for --ray auto: {_first_line(error)}") from None
+    elif address.startswith("ray://"):
+        _join_client(ray, address)
     else:
         raise ValueError(f"--ray must be local, auto or ray://HOST:PORT, not {address!r}")
     return True
+
+
+def _start_local(ray: Any, workers: int, gpus_per_worker: float) -> None:
+    """Start a private Ray here, trying twice: on a loaded machine its node can miss Ray's
+    fixed 30 s startup wait once and start the next time."""
+    for attempt in (1, 2):
+        try:
+            # Few resources and a small object store: results are streamed and written at once.
+            ray.init(num_cpus=workers, num_gpus=int(np.ceil(workers * gpus_per_worker)) or None,
+                     include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False,
+                     configure_logging=False)
+            return
+        except Exception as error:  # noqa: BLE001 - Ray raises a bare Exception when its node times out
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            if attempt == 2:
+                raise IndexStoreError(f"Ray did not start for --ray local ({_first_line(error)}); "
+                                      f"Ray's logs: {_local_logs()}") from None
+
+
+def _local_logs() -> str:
+    """The log folder of the Ray session started last on this machine."""
+    try:
+        from ray._common.utils import get_default_ray_temp_dir  # private, hence the fallback
+        temp = get_default_ray_temp_dir()
+    except Exception:  # noqa: BLE001
+        temp = os.path.join(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray")
+    return os.path.join(os.path.realpath(os.path.join(temp, "session_latest")), "logs")
+
+
+def _join_client(ray: Any, address: str) -> None:
+    """Connect to a Ray client server. The port is tried first: Ray alone retries a dead
+    address for about 30 s and then says "ray client connection timeout" without naming it."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--ray must be local, auto or ray://HOST:PORT, not {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        reason = "timed out" if isinstance(error, TimeoutError) else (error.strerror or str(error))
+        raise IndexStoreError(f"cannot reach the Ray cluster at {address} ({reason})") from None
+    with warnings.catch_warnings():  # Ray's UserWarning about client ports repeats the error in two lines
+        warnings.filterwarnings("ignore", module=r"ray\.")
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except ConnectionError as error:
+            raise IndexStoreError(f"cannot connect to the Ray cluster at {address} ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _start_actors(ray: Any, runner: ModelRunner, options: IndexOptions) -> list[Any]:
@@ -215,7 +279,8 @@ def _result(kind: str, payload: Any, planned: tuple[Path, os.stat_result, str]) 
         return FailedVideo(str(path), stat, fingerprint, payload)
     remote: RemoteVideo = payload
     return EncodedVideo(str(path), stat, fingerprint, remote.spans, remote.info, remote.embeddings,
-                        remote.rerank_states, remote.latents, remote.thumbnails, remote.dtype)
+                        remote.rerank_states, remote.latents, remote.thumbnails, remote.dtype,
+                        remote.log.lines, remote.log.text)
 
 
 def _remote_results(

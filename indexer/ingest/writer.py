@@ -1,22 +1,28 @@
 """The one writer of an indexing run: it alone touches the index while producers decode and
 encode. It checks (or records) the model, records what the plan found gone or unreadable,
 writes each produced video as one atomic unit (with its thumbnails) or records its failure,
-notes each dtype before its first segment commits, and decides when the vector index is saved."""
+notes each dtype before its first segment commits, and decides when the vector index is saved.
+What the decoders wrote to stderr (FFmpeg's warnings about damaged streams) goes to the run's
+decoder log in the index folder, counted per file, instead of the terminal."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 from indexer.encoding import ModelRunner
 from indexer.errors import IndexStoreError
 from indexer.ingest.options import IndexOptions, IndexProgress, IndexSummary
 from indexer.ingest.planning import Plan
-from indexer.ingest.produced import EncodedVideo, FailedVideo, Produced
+from indexer.ingest.produced import EncodedVideo, FailedVideo, Produced, Underway
+from indexer.ingest.window_choice import choose_windows, reindex_hint
 from indexer.paths import shown
 from indexer.store.index_store import IndexStore
 from indexer.store.records import IndexLayout, SegmentInfo, VideoMeta
 from indexer.store.vectors.choice import resolve_vectors
+
+DECODER_LOG = "decoder.log"  # in the index folder: this run's decoder messages, per file
 
 
 class RunWriter:
@@ -30,11 +36,17 @@ class RunWriter:
         self._backfilled = 0  # videos whose missing thumbnails were made in this run
         self._written = 0
         self._dtypes: set[str] = set()
+        self._underway: dict[str, Underway] = {}  # files decoded or encoded in part, by path
+        self._log: Path | None = None  # the decoder log, once this run wrote to it
 
     def prepare(self, runner: ModelRunner, options: IndexOptions) -> IndexOptions:
         """Record the model and layout on a new index, or check them on an existing one; returns
-        the options with `store_latents` resolved (the producers need it)."""
+        the options with the windows and `store_latents` resolved (the producers need them)."""
         store, config = self.store, runner.config
+        windows = choose_windows(options.window_s, options.stride_s, recorded=store.windows(),
+                                 holds_videos=store.counts()[0] > 0, clip_s=runner.clip_s, reindex=options.reindex)
+        options = dataclasses.replace(options, window_s=windows.window_s, stride_s=windows.stride_s)
+        self._windows, self._clip_s = windows, runner.clip_s
         keep_latents = options.store_latents
         if keep_latents is None:
             keep_latents = config.latent_reranker if store.layout is None else store.layout.keeps_latents
@@ -59,7 +71,9 @@ class RunWriter:
     def start(self, planned: Plan, dtype: str) -> list[SegmentInfo]:
         """Files gone from disk are marked removed, unreadable entries failed; `dtype` is noted
         when there is anything to encode. Returns the live segments without a thumbnail."""
-        self.summary = IndexSummary(scanned=planned.scanned, unchanged=planned.unchanged, dtype=dtype)
+        self.summary = IndexSummary(scanned=planned.scanned, unchanged=planned.unchanged, dtype=dtype,
+                                    windows=dataclasses.asdict(self._windows),
+                                    reindex_hint=reindex_hint(self._windows, self._clip_s))
         for path in planned.gone:
             self.store.mark_removed(path)
             self.summary.removed += 1
@@ -78,7 +92,13 @@ class RunWriter:
         self._total = total
 
     def write(self, item: Produced, options: IndexOptions) -> None:
-        """Store one produced file: an encoded video as one atomic unit, or its failure."""
+        """Store one produced file: an encoded video as one atomic unit, or its failure; or
+        note how far a file still under way is."""
+        if isinstance(item, Underway):
+            self._underway[item.path] = item
+            self._report(item.path)
+            return
+        self._underway.pop(item.path, None)
         if isinstance(item, FailedVideo):
             self.store.mark_failed(item.path, item.reason, item.stat, item.fingerprint)
             self.summary.failed[shown(item.path)] = item.reason
@@ -86,6 +106,8 @@ class RunWriter:
             return
         self._note_dtype(item.dtype)  # a Ray GPU worker may run in another dtype than this machine
         self._add(item, options)
+        if item.decoder_lines:
+            self._keep_decoder_log(item)
         self.summary.indexed += 1
         self.summary.segments += len(item.embeddings)
         self._written += 1
@@ -104,10 +126,19 @@ class RunWriter:
         """Save the vector index (after the new videos, before the thumbnail pass, and at the end)."""
         self.store.save_vectors()
 
+    def _keep_decoder_log(self, video: EncodedVideo) -> None:
+        """Append a file's decoder messages to this run's log (the first append starts it afresh)."""
+        first = self._log is None
+        self._log = self.store.directory / DECODER_LOG
+        with open(self._log, "w" if first else "a", encoding="utf-8", errors="replace") as log:
+            log.write(f"== {shown(video.path)}: {video.decoder_lines} lines\n{video.decoder_log}\n")
+        self.summary.decoder_messages += video.decoder_lines
+        self.summary.decoder_log = str(self._log)
+
     def _note_dtype(self, dtype: str) -> None:
         if dtype not in self._dtypes:
             self._dtypes.add(dtype)
-            self.store.record_dtype(dtype)
+            self.store.record_dtype(dtype, self._windows)
 
     def _add(self, video: EncodedVideo, options: IndexOptions) -> None:
         info = video.info
@@ -127,4 +158,6 @@ class RunWriter:
     def _report(self, path: str) -> None:
         if self._progress:
             done = self.summary.indexed + len(self.summary.failed) + self._backfilled
-            self._progress(IndexProgress(done, self._total, self.summary.segments, path))
+            partial = sum(min(u.share, 0.99) for u in self._underway.values())  # whole once written
+            encoded = sum(u.encoded for u in self._underway.values())
+            self._progress(IndexProgress(done, self._total, self.summary.segments, path, partial, encoded))

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, astuple, dataclass, field
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from indexer.encoding import ModelRunner
 from indexer.errors import IndexReplacedError, NotFoundError
 from indexer.paths import shown
 from indexer.precision import DtypeChoice
+from indexer.search.moments import find_moments, timeline
 from indexer.search.request import (
     DEFAULT_K,
     RerankMode,
@@ -27,48 +28,12 @@ from indexer.search.request import (
     search_request,
 )
 from indexer.search.rerankers import rerank_mode, stored_scores, with_model_defaults
+from indexer.search.results import SearchResult, SegmentHit, VideoHit
 from indexer.search.single_stream import read_segment_clip, single_stream_scores
 from indexer.search.state import QUERY_CACHE, EncodedQuery, QueryCache, SharedLock
 from indexer.store.index_reader import IndexReader
 from indexer.store.records import SegmentInfo
 from pvl_search.ranking import Fusion, best_segment_ranking, fuse, segment_keys
-
-
-@dataclass
-class SegmentHit:
-    segment_id: int
-    start_s: float
-    end_s: float
-    retrieval_score: float  # cosine of query and segment embeddings
-    rerank_score: float | None  # VTM logit, when this segment was reranked
-    score: float  # what the ranking used
-
-
-@dataclass
-class VideoHit:
-    rank: int
-    video_id: int
-    path: str
-    duration: float | None
-    score: float
-    best: SegmentHit  # the segment that matched best: the moment inside the video
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class SearchResult:
-    query: str
-    hits: list[VideoHit]
-    rerank: str
-    truncated: bool  # the query was longer than the model reads; its tail was ignored
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    dtype: str = "float32"  # what the query was encoded in
-    index_dtype: str | None = None  # what the index's segments were encoded in (None: not recorded)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Searcher:
@@ -201,6 +166,26 @@ class Searcher:
         with self._current():  # the index as it is on disk now, kept for the whole batch
             return self._answer([self._resolved(r) for r in requests])
 
+    def more_like(self, segment_id: int, *, k: int = DEFAULT_K, filters: SearchFilters | None = None) -> SearchResult:
+        """"More like this moment": search with a segment's own stored embedding instead of a
+        text (retrieval only: every reranker reads a text), with the same filters and grouping.
+        The segment's own video comes first unless the filters leave it out. NotFoundError when
+        the index has no such live segment."""
+        search_request("like", k=k)  # the k rule, as for a text
+        filters = filters or SearchFilters()
+        started = time.perf_counter()
+        with self._current() as store:
+            if isinstance(segment_id, bool) or not store.is_live_segment(int(segment_id)):
+                raise NotFoundError(f"no segment with id {segment_id}")
+            xq = store.embeddings([int(segment_id)])[0]
+            allowed = self.allowed_segments(filters) if filters.active() else None
+            ids, sims, info = self._retrieve(xq[None], k, 0, allowed)
+            hits = self._group(ids, sims, info, np.empty(0, np.float32), "calibrated", k)
+            self._add_moments(hits, xq)
+            timings = {"total": (time.perf_counter() - started) * 1000}
+            return SearchResult(f"like:{int(segment_id)}", hits, "none", False, timings, self.runner.dtype_name,
+                                store.encode_dtype(), store.windows())
+
     def _resolved(self, request: SearchRequest) -> SearchRequest:
         """The request with the model's defaults filled in, checked against the reranker it gets."""
         return with_model_defaults(request, self.runner, self.rerank_mode(request.rerank))
@@ -230,7 +215,7 @@ class Searcher:
         found, info = self._retrieve_many(requests, xq, allowed)
         # Retrieval (filters, FAISS, the one SQL read) is charged evenly to the requests.
         retrieve_ms = (time.perf_counter() - t1) * 1000 / len(requests)
-        index_dtype = self.store.encode_dtype()
+        index_dtype, windows = self.store.encode_dtype(), self.store.windows()
         results = []
         for r, enc, (ids, sims), ms in zip(requests, encoded, found, encode_ms):
             t2 = time.perf_counter()
@@ -241,10 +226,13 @@ class Searcher:
             t3 = time.perf_counter()
             hits = self._group(ids, sims, info, rerank_scores, r.fusion, r.k)
             t4 = time.perf_counter()
-            timings = {"encode": ms, "retrieve": retrieve_ms, "rerank": (t3 - t2) * 1000, "lookup": (t4 - t3) * 1000}
+            self._add_moments(hits, enc.embedding)
+            t5 = time.perf_counter()
+            timings = {"encode": ms, "retrieve": retrieve_ms, "rerank": (t3 - t2) * 1000, "lookup": (t4 - t3) * 1000,
+                       "moments": (t5 - t4) * 1000}
             timings["total"] = sum(timings.values())
             results.append(SearchResult(r.query, hits, mode, enc.truncated, timings,
-                                        self.runner.dtype_name, index_dtype))
+                                        self.runner.dtype_name, index_dtype, windows))
         return results
 
     def _encode(self, texts: Sequence[str]) -> tuple[list[EncodedQuery], list[float]]:
@@ -379,6 +367,20 @@ class Searcher:
             # The video's path (as shown, = its SQL text) and length came with the segment rows.
             hits.append(VideoHit(rank + 1, vid, shown(seg.path), seg.duration, hit.score, hit))
         return hits
+
+    def _add_moments(self, hits: list[VideoHit], query: np.ndarray) -> None:
+        """Each hit's moments and timeline, from the retrieval score of every segment of its
+        video (indexer/search/moments.py): one SQL read and one product for all the hits."""
+        if not hits:
+            return
+        per_video = self.store.video_segments(h.video_id for h in hits)
+        for hit in hits:
+            segments = per_video[hit.video_id]
+            if len(segments.ids) == 0:
+                continue
+            scores = self.store.embeddings(segments.ids) @ np.asarray(query, np.float32)
+            hit.moments = find_moments(segments, scores, hit.best.segment_id)
+            hit.timeline = timeline(segments, scores, hit.duration)
 
     def counts(self) -> tuple[int, int]:
         """(indexed videos, searchable segments) in the index as it is on disk now."""

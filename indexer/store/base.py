@@ -38,6 +38,8 @@ from indexer.store.sql_filters import path_matches
 from indexer.store.thumbnails import ThumbnailStore
 from indexer.store.vectors.choice import MILVUS_META_FILE, VectorSettings, load_saved_vectors, new_vectors
 from indexer.store.vectors.faiss_index import DEFAULT_APPROX_THRESHOLD, VectorIndex
+from indexer.store.windows_record import read_windows
+from pvl_search.media.windows import Windows
 
 
 class StoreBase(ABC):
@@ -183,6 +185,10 @@ class StoreBase(ABC):
         "bfloat16,float32"; None for an index built before pvl-search recorded it."""
         return self._info.encode_dtype
 
+    def windows(self) -> Windows | None:
+        """The windows this index cuts videos into; None: not recorded (an older index)."""
+        return read_windows(self.directory)
+
     def check_model(self, model_config: str, weights_fingerprint: str) -> None:
         """Raise ModelMismatchError unless this index was built with this model."""
         check_same_model(self.directory, *self.model(), model_config, weights_fingerprint)
@@ -289,7 +295,7 @@ class StoreBase(ABC):
             thumbnails=thumbnails,
             model_config=json.loads(self._info.model_config) if self._info.model_config else {},
             fingerprint=self._info.weights_fingerprint,
-            encode_dtype=self._info.encode_dtype,
+            encode_dtype=self._info.encode_dtype, windows=self.windows(),
         )
 
     def known_videos(self) -> dict[str, KnownVideo]:
@@ -326,41 +332,6 @@ class StoreBase(ABC):
             videos = s.scalar(select(func.count()).select_from(Video).where(Video.status == VideoStatus.INDEXED.value))
             segments = s.scalar(select(func.count()).select_from(Segment).where(Segment.removed.is_(False)))
         return int(videos or 0), int(segments or 0)
-
-    def video_details(self, video_id: int) -> dict | None:
-        """Metadata of one video and its live segments; None when there is no such video.
-        `path` is the readable form (indexer/paths.py)."""
-        with self.db.sessions() as s:
-            video = s.get(Video, video_id)
-            if video is None:
-                return None
-            segments = s.scalars(
-                select(Segment)
-                .where(Segment.video_id == video_id, Segment.removed.is_(False))
-                .order_by(Segment.start_s)
-            ).all()
-            return {
-                "id": video.id, "path": video.path, "status": video.status, "duration": video.duration,
-                "fps": video.fps, "width": video.width, "height": video.height, "error": video.error,
-                "created_at": video.created_at.isoformat() if video.created_at else None,
-                "segments": [{"id": seg.id, "start_s": seg.start_s, "end_s": seg.end_s} for seg in segments],
-            }
-
-    def video_file(self, video_id: int) -> tuple[str, str] | None:
-        """(the video's exact path on disk, its status); None when there is no such video."""
-        with self.db.sessions() as s:
-            query = select(Video.path, Video.path_bytes, Video.status).where(Video.id == video_id)
-            row = s.execute(query).one_or_none()
-        return None if row is None else (from_stored(row.path, row.path_bytes), row.status)
-
-    def is_live_segment(self, segment_id: int) -> bool:
-        """Whether the segment is searchable: not removed, of an indexed video."""
-        with self.db.sessions() as s:
-            return s.scalar(
-                select(Segment.id)
-                .join(Video, Segment.video_id == Video.id)
-                .where(Segment.id == segment_id, Segment.removed.is_(False), Video.status == VideoStatus.INDEXED.value)
-            ) is not None
 
     def segment_ids(self) -> np.ndarray:
         """Ids of searchable segments, ascending."""

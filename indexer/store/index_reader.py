@@ -16,17 +16,21 @@ embedding store. `refresh` repeats that catch-up from the current FAISS in memor
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from alembic.script import ScriptDirectory
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from indexer.errors import IndexReplacedError, IndexStoreError, RowStoreError, SchemaTooNewError
+from indexer.paths import from_stored
 from indexer.store.base import StoreBase
 from indexer.store.database import Database, alembic_config, current_revisions, read_only_engine, session_factory
-from indexer.store.records import EMBEDDINGS_FILE, LATENTS_FILE, RERANK_FILE, layout_of
+from indexer.store.records import EMBEDDINGS_FILE, LATENTS_FILE, RERANK_FILE, VideoSegments, layout_of
 from indexer.store.row_store import RowStore
-from indexer.store.schema import IndexInfo
+from indexer.store.schema import IndexInfo, Segment, Video, VideoStatus
 
 
 class IndexReader(StoreBase):
@@ -180,3 +184,58 @@ class IndexReader(StoreBase):
             raise IndexStoreError(f"index {self.directory} is closed")
         return self._sync()
 
+
+    def video_segments(self, video_ids: Iterable[int]) -> dict[int, VideoSegments]:
+        """The live segments of each video in `video_ids`, in time order (one SQL read): what
+        a search scores to find the moments inside its result videos."""
+        wanted = sorted({int(v) for v in video_ids})
+        rows: dict[int, list[tuple[int, float, float]]] = {v: [] for v in wanted}
+        with self.db.sessions() as s:
+            for lo in range(0, len(wanted), 5000):  # stay under the servers' parameter limits
+                query = (select(Segment.video_id, Segment.id, Segment.start_s, Segment.end_s)
+                         .where(Segment.video_id.in_(wanted[lo : lo + 5000]), Segment.removed.is_(False))
+                         .order_by(Segment.video_id, Segment.start_s, Segment.id))
+                for r in s.execute(query):
+                    if r.id < self._rows:  # committed rows only, as every read of this view
+                        rows[r.video_id].append((r.id, r.start_s, r.end_s))
+        out = {}
+        for video, segs in rows.items():
+            ids, starts, ends = zip(*segs) if segs else ((), (), ())
+            out[video] = VideoSegments(np.asarray(ids, np.int64), np.asarray(starts, np.float64),
+                                       np.asarray(ends, np.float64))
+        return out
+
+    def video_details(self, video_id: int) -> dict | None:
+        """Metadata of one video and its live segments; None when there is no such video.
+        `path` is the readable form (indexer/paths.py)."""
+        with self.db.sessions() as s:
+            video = s.get(Video, video_id)
+            if video is None:
+                return None
+            segments = s.scalars(
+                select(Segment)
+                .where(Segment.video_id == video_id, Segment.removed.is_(False))
+                .order_by(Segment.start_s)
+            ).all()
+            return {
+                "id": video.id, "path": video.path, "status": video.status, "duration": video.duration,
+                "fps": video.fps, "width": video.width, "height": video.height, "error": video.error,
+                "created_at": video.created_at.isoformat() if video.created_at else None,
+                "segments": [{"id": seg.id, "start_s": seg.start_s, "end_s": seg.end_s} for seg in segments],
+            }
+
+    def video_file(self, video_id: int) -> tuple[str, str] | None:
+        """(the video's exact path on disk, its status); None when there is no such video."""
+        with self.db.sessions() as s:
+            query = select(Video.path, Video.path_bytes, Video.status).where(Video.id == video_id)
+            row = s.execute(query).one_or_none()
+        return None if row is None else (from_stored(row.path, row.path_bytes), row.status)
+
+    def is_live_segment(self, segment_id: int) -> bool:
+        """Whether the segment is searchable: not removed, of an indexed video."""
+        with self.db.sessions() as s:
+            return s.scalar(
+                select(Segment.id)
+                .join(Video, Segment.video_id == Video.id)
+                .where(Segment.id == segment_id, Segment.removed.is_(False), Video.status == VideoStatus.INDEXED.value)
+            ) is not None

@@ -4,7 +4,6 @@ described in indexer/store/__init__.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import os
 import uuid
@@ -34,7 +33,15 @@ from indexer.store.records import (
 from indexer.store.row_store import RowStore, fsync_dir
 from indexer.store.schema import IndexInfo, Video, VideoStatus
 from indexer.store.sql_writes import bump_rows, insert_indexed_video, record_failure, remove_video
-from indexer.store.vectors.choice import MILVUS_META_FILE, parse_vectors, vectors_path
+from indexer.store.vectors.choice import (
+    MILVUS_META_FILE,
+    build_saved_vectors,
+    new_vectors,
+    shares_collection,
+    vectors_path,
+)
+from indexer.store.windows_record import write_windows
+from pvl_search.media.windows import Windows
 
 
 class IndexStore(StoreBase):
@@ -75,9 +82,7 @@ class IndexStore(StoreBase):
         return info
 
     def _open_data(self) -> None:
-        layout = self.layout
-        assert layout is not None
-        tag = bytes.fromhex(self._uuid)
+        layout, tag = self._require_layout(), bytes.fromhex(self._uuid)
         stores = []
         try:
             for path, width in self._store_paths(layout):
@@ -99,8 +104,7 @@ class IndexStore(StoreBase):
         if info.index_uuid != self._uuid:
             raise IndexStoreError(f"the database of index {self.directory} was replaced while open")
         rows, seq = info.committed_rows, info.removal_seq
-        layout = self.layout
-        assert layout is not None
+        layout = self._require_layout()
         for store in self._stores():
             if len(store) < rows:
                 raise IndexStoreError(
@@ -124,10 +128,12 @@ class IndexStore(StoreBase):
 
     # -- model / layout -----------------------------------------------------------------
 
-    def record_dtype(self, dtype: str) -> None:
-        """Writer: segments are about to be encoded in `dtype`; noted once per dtype. The
-        stored vectors are float whatever the dtype, so this never refuses anything."""
+    def record_dtype(self, dtype: str, windows: Windows | None = None) -> None:
+        """Writer: segments are about to be encoded in `dtype` (noted once per dtype; the vectors
+        are float whatever it is) and cut into `windows` (windows.json)."""
         self._ready_for_writes()
+        if windows is not None and self.windows() != windows:
+            write_windows(self.directory, windows)
         known = [name for name in (self._info.encode_dtype or "").split(",") if name]
         if dtype not in known:
             self._write_info(encode_dtype=",".join([*known, dtype]))
@@ -136,8 +142,8 @@ class IndexStore(StoreBase):
         """Record the model (and layout) an index is built with.
 
         On an index without segments this (re)defines it; on one with segments the model
-        and the widths must match (ModelMismatchError otherwise); only the FAISS factory
-        may change there, which rebuilds the FAISS index.
+        and the widths must match (ModelMismatchError otherwise); only the FAISS factory and
+        the vector store may change there, which builds the vectors again (`_move_vectors`).
         """
         self._ready_for_writes()
         current = self.layout
@@ -149,13 +155,9 @@ class IndexStore(StoreBase):
                     f"index {self.directory} stores {current}, the model gives {layout}"
                 )
             if (current.faiss_factory, current.vectors) != (layout.faiss_factory, layout.vectors):
-                self._write_info(faiss_factory=layout.faiss_factory, vector_store=layout.vectors)
-                if self.vectors is not None:
-                    self.vectors.close()  # a Milvus collection is let go of
-                self.vectors = None  # rebuilt below in the store the index records now
-                self._faiss_valid = False
-                self._reconcile()
+                self._move_vectors(current, layout)
             return
+        new_vectors(self._vector_settings(), layout).close()  # e.g. Milvus unreachable: refused, nothing recorded
         # Nothing committed: old store files (if any) hold no data; drop them before the
         # new layout is committed, so a crash in between leaves nothing of the wrong width.
         self._close_data()
@@ -175,6 +177,30 @@ class IndexStore(StoreBase):
             encode_dtype=None,  # nothing encoded with this model yet
         )
         self._open_data()
+
+    def _move_vectors(self, current: IndexLayout, layout: IndexLayout) -> None:
+        """Build the vectors in `layout`'s store from the stored embeddings, save them, and only then
+        record `layout`: a move that fails (Milvus unreachable, a disk full) leaves the old store in use."""
+        with self.db.sessions() as s:
+            info = s.get(IndexInfo, 1)
+            rows, seq = info.committed_rows, info.removal_seq
+            ids = self._live_ids(s, 0, rows)
+        if shares_collection(current, layout):
+            # The build replaces the old store's collection: if it fails, the old one is rebuilt.
+            (self.directory / MILVUS_META_FILE).unlink(missing_ok=True)
+            self._faiss_valid, self._needs_recovery = False, True
+        moved = build_saved_vectors(self.directory, self._vector_settings(), layout, self.embedding_store.get(ids),
+                                    ids, self._vectors_meta(rows, seq, layout))
+        try:
+            self._write_info(faiss_factory=layout.faiss_factory, vector_store=layout.vectors)
+        except BaseException:
+            moved.close()
+            raise
+        if self.vectors is not None:
+            self.vectors.close()  # a Milvus collection is let go of
+        self.vectors, self._data_layout = moved, layout
+        self._faiss_rows, self._faiss_seq, self._faiss_valid = rows, seq, True
+        self._dirty = self._needs_recovery = False
 
     def _write_info(self, **values: Any) -> None:
         with self.db.sessions.begin() as s:
@@ -284,14 +310,14 @@ class IndexStore(StoreBase):
         """Write the FAISS index if it changed (call at batch boundaries and at the end)."""
         if self.vectors is None or not self._dirty or not self._faiss_valid:
             return
-        self.vectors.meta = {
-            "index_uuid": self._uuid,
-            "rows": self._faiss_rows,
-            "removal_seq": self._faiss_seq,
-            "factory": self.layout.faiss_factory if self.layout else None,
-        }
+        self.vectors.meta = self._vectors_meta(self._faiss_rows, self._faiss_seq, self.layout)
         self.vectors.save(vectors_path(self.directory, self.layout))
         self._dirty = False
+
+    def _vectors_meta(self, rows: int, seq: int, layout: IndexLayout | None) -> dict[str, Any]:
+        """What a saved vector index records: whose it is and the rows and removals it reflects."""
+        return {"index_uuid": self._uuid, "rows": rows, "removal_seq": seq,
+                "factory": layout.faiss_factory if layout else None}
 
     def sync_thumbnails(self) -> list[SegmentInfo]:
         """Writer: delete the thumbnails of segments that are not live (a crash between a
@@ -353,17 +379,6 @@ class IndexStore(StoreBase):
             raise
         self._forget_in_faiss(old_ids, seq)
         return len(old_ids)
-
-    def switch_vectors(self, option: str) -> None:
-        """Make the index record `option` ("faiss", "milvus:URI") as its vector store (rebuilt
-        there when it changes; nothing happens when it does not)."""
-        layout = self.layout
-        if layout is None:
-            raise IndexStoreError(f"index {self.directory} has no model set: index some videos first")
-        wanted = parse_vectors(option)
-        if wanted != layout.vectors:
-            config, fingerprint = self.model()
-            self.set_model(config, fingerprint, dataclasses.replace(layout, vectors=wanted))
 
     # -- closing ------------------------------------------------------------------------
 

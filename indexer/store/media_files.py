@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.store.base import StoreBase
+from indexer.store.index_reader import IndexReader
 from indexer.store.schema import VideoStatus
 from indexer.store.thumbnails import MEDIA_TYPE as THUMBNAIL_MEDIA_TYPE
 
@@ -38,7 +38,7 @@ def media_type(path: str | os.PathLike[str]) -> str:
     return MEDIA_TYPES.get(Path(path).suffix.lower(), FALLBACK_MEDIA_TYPE)
 
 
-def video_file(store: StoreBase, video_id: int) -> MediaFile:
+def video_file(store: IndexReader, video_id: int) -> MediaFile:
     """The file of an indexed video that is still on disk, else MediaNotFound."""
     found = store.video_file(video_id)
     if found is None:
@@ -52,7 +52,7 @@ def video_file(store: StoreBase, video_id: int) -> MediaFile:
     return MediaFile(path, media_type(path))
 
 
-def thumbnail_file(store: StoreBase, segment_id: int) -> MediaFile:
+def thumbnail_file(store: IndexReader, segment_id: int) -> MediaFile:
     """The thumbnail of a live segment of an indexed video, else MediaNotFound."""
     if not store.is_live_segment(segment_id):
         raise MediaNotFound(f"no live segment with id {segment_id}")
@@ -62,6 +62,6 @@ def thumbnail_file(store: StoreBase, segment_id: int) -> MediaFile:
     return MediaFile(path, THUMBNAIL_MEDIA_TYPE)
 
 
-def has_thumbnail(store: StoreBase, segment_id: int) -> bool:
+def has_thumbnail(store: IndexReader, segment_id: int) -> bool:
     """Whether a thumbnail file exists (for a segment a search just returned as live)."""
     return store.thumbnails.exists(segment_id)

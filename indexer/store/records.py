@@ -7,13 +7,14 @@ import hashlib
 import os
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from indexer.store.schema import IndexInfo
+from pvl_search.media.windows import Windows
 
 EMBEDDINGS_FILE = "embeddings.f16"
 RERANK_FILE = "rerank_states.f16"
@@ -89,6 +90,15 @@ class SegmentInfo:
     duration: float | None = None  # of the video, seconds (read in the same query)
 
 
+@dataclass(frozen=True)
+class VideoSegments:
+    """The live segments of one video, in time order (`IndexReader.video_segments`)."""
+
+    ids: np.ndarray  # int64
+    starts: np.ndarray  # float64 seconds
+    ends: np.ndarray
+
+
 @dataclass
 class IndexStats:
     videos: dict[str, int]  # count per status
@@ -103,6 +113,7 @@ class IndexStats:
     model_config: dict = field(default_factory=dict)  # of the model that built the index ({}: none yet)
     fingerprint: str | None = None  # of that model's weights
     encode_dtype: str | None = None  # what it ran in, e.g. "float32" or "bfloat16,float32"
+    windows: Windows | None = None  # what videos are cut into (None: not recorded, an older index)
 
     def to_dict(self) -> dict:
         """What `pvl-search status --json` prints after the index folder."""
@@ -110,6 +121,7 @@ class IndexStats:
             "videos": self.videos, "segments": self.segments, "removed_segments": self.removed_segments,
             "vectors": self.vectors, "faiss": self.faiss, "bytes": self.bytes, "thumbnails": self.thumbnails,
             "model": {"fingerprint": self.fingerprint, "config": self.model_config, "dtype": self.encode_dtype},
+            "windows": None if self.windows is None else asdict(self.windows),
             "recent_failures": [{"path": p, "error": e} for p, e in self.recent_failures],
         }
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pvl_search.data.captions import load_captions
+from pvl_search.data.captions import CaptionRecord, load_captions
 from pvl_search.data.scene_labels import label_maps
 from pvl_search.media.video import to_model_input
 from pvl_search.model.config import ModelConfig
@@ -203,6 +203,9 @@ def load_pair_sets(
     cache, failed = build_frame_cache(
         items, cache_dir, frames=config.frames, size=config.frame_size, progress=cache_progress
     )
+    for split, rs in by_split.items():
+        if all(r.video_id in failed for r in rs):  # else training would fail on "0 videos", naming none
+            raise ValueError(_none_readable(captions_path, split, rs, failed))
     tokenizer = Tokenizer(config.text_length)
     datasets = {}
     for split, rs in by_split.items():
@@ -214,3 +217,18 @@ def load_pair_sets(
                                   groups={r.video_id: str(r.meta["group"]) for r in rs if "group" in r.meta},
                                   labels=labels, token_labels=dense)
     return datasets, failed
+
+
+_NAMED = 3  # failed videos a one-line error names before it counts the rest
+
+
+def _none_readable(captions_path: str | Path, split: str, records: list[CaptionRecord], failed: dict[str, str]) -> str:
+    """One line for a split none of whose videos could be read: the first few and a count, and
+    where their paths were looked up when none of the files exists (the usual cause)."""
+    more = f" and {len(records) - _NAMED} more" if len(records) > _NAMED else ""
+    if not any(r.path.is_file() for r in records):
+        named = ", ".join(str(r.path) for r in records[:_NAMED])
+        return (f"{captions_path}: none of the {len(records)} {split} videos exist ({named}{more} not found); "
+                f"its video paths are looked up from its folder {Path(captions_path).absolute().parent}")
+    named = "; ".join(f"{r.video_id}: {(failed[r.video_id].splitlines() or ['?'])[0]}" for r in records[:_NAMED])
+    return f"{captions_path}: none of the {len(records)} {split} videos could be read ({named}{more})"

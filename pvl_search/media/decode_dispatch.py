@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pvl_search.media.backends import Backend
+from pvl_search.media.decode_worker import DecoderLog
 from pvl_search.media.types import Clip, Span, VideoDecodeError, VideoInfo
 from pvl_search.media.windows import Windows
 
@@ -42,9 +43,18 @@ class DecodedVideo:
     clips: list[Clip]
     spans: list[Span] | None  # None: the job asked for the whole file
     info: VideoInfo | None
+    log: DecoderLog = field(default_factory=DecoderLog)  # what the decoder wrote to stderr meanwhile
 
 
 Result = DecodedVideo | VideoDecodeError  # one Clip per span, or why the file failed
+
+
+@dataclass
+class DecodeProgress:
+    """How far a job still being decoded is (`imap(..., progress=True)` yields these)."""
+
+    clips: int  # clips decoded so far
+    planned: int  # clips the job is cut into
 
 
 @dataclass
@@ -72,10 +82,11 @@ class Worker:
     job: Task | None = None
     clips: list[Clip] = field(default_factory=list)
     plan: tuple[list[Span] | None, VideoInfo | None] = (None, None)  # spans the worker decided
+    log: DecoderLog = field(default_factory=DecoderLog)
 
     def result(self) -> DecodedVideo:
         """The finished job: the clips received, with the spans and info of its plan."""
-        return DecodedVideo(self.clips, *self.plan)
+        return DecodedVideo(self.clips, *self.plan, self.log)
 
 
 class WorkerSlots(Protocol):
@@ -112,10 +123,12 @@ class WorkerSlots(Protocol):
 class DecodeRun:
     """One imap: a dispatcher thread feeding workers, and the consumer's ordered generator."""
 
-    def __init__(self, pool: WorkerSlots, jobs: Iterator[Job]) -> None:
+    def __init__(self, pool: WorkerSlots, jobs: Iterator[Job], progress: bool = False) -> None:
         self.pool, self.jobs = pool, jobs
         self.retries: deque[Task] = deque()
         self.done: dict[int, tuple[Hashable, Result]] = {}
+        self.report_progress = progress
+        self.progress: dict[int, tuple[Hashable, DecodeProgress]] = {}  # by seq: news not yet yielded
         self.submitted = 0  # tasks taken from `jobs`
         self.yielded = 0  # results handed to the consumer
         self.exhausted = False
@@ -130,20 +143,28 @@ class DecodeRun:
 
     # --- consumer side ---
 
-    def results(self) -> Iterator[tuple[Hashable, Result]]:
+    def results(self) -> Iterator[tuple[Hashable, Result | DecodeProgress]]:
+        """Each job's result in submission order; before it, while a later result is awaited,
+        the progress of jobs being decoded (when asked for)."""
         try:
             while True:
                 with self.cond:
-                    while not self._next_ready():
+                    while not self._next_ready() and not self.progress:
                         self.cond.wait()
                     if self.failure is not None:
                         raise self.failure
-                    if self.yielded not in self.done:
+                    news = []
+                    if self.yielded in self.done:
+                        self.progress.pop(self.yielded, None)
+                        news = [self.done.pop(self.yielded)]
+                        self.yielded += 1
+                    elif self.progress:
+                        news = [self.progress[seq] for seq in sorted(self.progress)]
+                        self.progress.clear()
+                    elif self.finished:
                         return  # all jobs done and yielded
-                    item = self.done.pop(self.yielded)
-                    self.yielded += 1
                 self._wake()
-                yield item
+                yield from news
         finally:
             self.stop()
 
@@ -274,6 +295,14 @@ class DecodeRun:
         elif kind == "clip":  # the mask now, the frames as raw bytes right after
             assert worker.job is not None, "a worker sent frames with no job"
             worker.clips.append(_receive_frames(worker.conn, payload, worker.job.size))
+            if self.report_progress:
+                spans = worker.plan[0]
+                with self.cond:
+                    self.progress[worker.job.seq] = (worker.job.key, DecodeProgress(
+                        len(worker.clips), 1 if spans is None else len(spans)))
+                    self.cond.notify_all()
+        elif kind == "log":  # what the decoder wrote to stderr, just before "done" or "error"
+            worker.log = payload
         elif kind in ("done", "error"):
             task = worker.job
             assert task is not None, "a worker reported a result with no job"
@@ -307,6 +336,7 @@ class DecodeRun:
     def _finish(self, task: Task, result: Result) -> None:
         with self.cond:
             self.done[task.seq] = (task.key, result)
+            self.progress.pop(task.seq, None)
             self.cond.notify_all()
 
     def _abandon_busy(self) -> None:

@@ -35,8 +35,8 @@ import time
 from collections.abc import Hashable, Iterable, Iterator
 
 from pvl_search.media.backends import BACKENDS, Backend
-from pvl_search.media.decode_dispatch import DecodeRun, Job, Result, Task, Worker
-from pvl_search.media.decode_worker import worker_main
+from pvl_search.media.decode_dispatch import DecodeProgress, DecodeRun, Job, Result, Task, Worker
+from pvl_search.media.decode_worker import DecoderLog, worker_main
 from pvl_search.media.types import Fit
 from pvl_search.media.windows import Windows
 
@@ -105,17 +105,21 @@ class DecodePool:
         with self._lock:
             return {w.job.key: w.process.pid for w in self._slots if w is not None and w.job}
 
-    def imap(self, jobs: Iterable[Job]) -> Iterator[tuple[Hashable, Result]]:
+    def imap(
+        self, jobs: Iterable[Job], *, progress: bool = False
+    ) -> Iterator[tuple[Hashable, Result | DecodeProgress]]:
         """Start decoding `jobs` now; yield (key, result) in submission order as results arrive.
 
         `jobs` is consumed lazily from a background thread. One imap at a time per pool.
         Stopping early (break, close(), leaving the with-block) kills the work in flight.
+        `progress`: also yield (key, DecodeProgress) as the clips of jobs still being decoded
+        arrive, so that a consumer waiting on a long file can show it moving.
         """
         if self._closed:
             raise RuntimeError("DecodePool is closed")
         if self._run is not None and not self._run.finished:
             raise RuntimeError("another imap of this pool is still running")
-        self._run = DecodeRun(self, iter(jobs))
+        self._run = DecodeRun(self, iter(jobs), progress)
         return self._run.results()
 
     def close(self) -> None:
@@ -164,7 +168,7 @@ class DecodePool:
     def assign(self, worker: Worker, task: Task) -> None:
         """Record that `worker` decodes `task` from now on, with no clips yet."""
         with self._lock:  # in_flight() reads the jobs from the consumer's thread
-            worker.job, worker.clips = task, []
+            worker.job, worker.clips, worker.log = task, [], DecoderLog()
             worker.plan = (None if isinstance(task.spans, Windows) else task.spans, None)
 
     def release(self, worker: Worker) -> None:

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from pvl_search.model.config import ModelConfig
 from pvl_search.model.perceiver import PerceiverVL
@@ -24,6 +24,10 @@ _SEARCH_DEFAULT_KEYS = {"rerank": str, "rerank_k": int, "fusion": str, "chosen_b
 # The values a model may choose (the search layer's modes and fusions are checked against these).
 SEARCH_DEFAULT_RERANKS = ("joint", "mixed", "latent", "none")  # never single: too slow to be a default
 MAX_DEFAULT_RERANK_K = 1000  # = indexer.search.request.MAX_RERANK_K (a test keeps them equal)
+
+# Optional: {"clip_s": 3.0, "source": ...}, the length of the clips the model was trained on.
+# Not part of the fingerprint either: it decides how videos are cut, not what a clip encodes.
+CLIP_FILE = "clip.json"
 
 
 class CheckpointError(ValueError):
@@ -55,13 +59,27 @@ def load_model(folder: str | Path, *, device: str | torch.device = "cpu") -> Per
         message = str(exc)  # name the file, once (read errors already start with it)
         named = message if message.startswith(str(config_path)) else f"{config_path}: {message}"
         raise CheckpointError(named) from None
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
+    tensors, _ = read_safetensors(weights_path)
     model = PerceiverVL(config)
     load_state(model, tensors, source=str(weights_path))
     return model.to(device).eval()
+
+
+def read_safetensors(
+    path: str | Path, *, header_only: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata. A missing file, or one cut short (a full disk,
+    a copy that stopped), is a CheckpointError naming it, never a traceback. `header_only` reads
+    no tensor ({}) but still fails a truncated file: opening checks the header against its length."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        with safe_open(str(path), "pt") as handle:
+            tensors = {} if header_only else {name: handle.get_tensor(name) for name in handle.keys()}
+            return tensors, handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 def load_state(model: PerceiverVL, tensors: dict[str, torch.Tensor], *, source: str) -> None:
@@ -114,3 +132,29 @@ def load_search_defaults(folder: str | Path) -> dict:
     if "rerank_k" in data and not 1 <= data["rerank_k"] <= MAX_DEFAULT_RERANK_K:
         raise CheckpointError(f"{path}: rerank_k must be between 1 and {MAX_DEFAULT_RERANK_K}, not {data['rerank_k']}")
     return data
+
+
+def load_clip_seconds(folder: str | Path) -> float | None:
+    """The clip length (seconds) the model in `folder` was trained on, from its clip.json;
+    None when the folder does not record it. `index` cuts videos into windows of this length
+    (pvl_search/media/windows.py)."""
+    path = Path(folder) / CLIP_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON ({exc})") from exc
+    seconds = data.get("clip_s") if isinstance(data, dict) else None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0.1 <= seconds <= 3600:
+        raise CheckpointError(f"{path}: clip_s must be a number of seconds in [0.1, 3600], not {seconds!r}")
+    return float(seconds)
+
+
+def save_clip_seconds(folder: str | Path, seconds: float, source: str) -> None:
+    """Record in `folder` the clip length its model trains on, and where that came from."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (CLIP_FILE + ".tmp")
+    tmp.write_text(json.dumps({"clip_s": round(float(seconds), 4), "source": source}) + "\n")
+    os.replace(tmp, folder / CLIP_FILE)

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pvl_search.data.pairs import load_pair_sets
 from pvl_search.data.scene_stream import StreamSpec, read_chunk, write_chunk
-from pvl_search.model.checkpoint import load_model
+from pvl_search.model.checkpoint import load_model, read_safetensors
 from pvl_search.model.joint_reranker import JointReranker, JointRerankerConfig, save_reranker
 from pvl_search.model.tokenizer import Tokenizer
 from pvl_search.training.joint_reranker import (
@@ -157,7 +157,7 @@ def _load_state(folder: Path, reranker: JointReranker, optimizer: torch.optim.Op
     saved = load_reranker(folder)
     reranker.load_state_dict(saved.state_dict())
     meta = json.loads((folder / META_FILE).read_text())
-    tensors = load_file(str(folder / STATE_FILE))
+    tensors, _ = read_safetensors(folder / STATE_FILE)  # a cut-short file: one line naming it
     generator.set_state(tensors["generator"])
     torch.set_rng_state(tensors["torch_rng"])
     for i, param in enumerate(p for group in optimizer.param_groups for p in group["params"]):

@@ -24,7 +24,7 @@ from pvl_search.training.loss_weights import LossWeights
 from pvl_search.training.losses import LossOutput, compute_losses
 from pvl_search.training.negative_bank import NegativeBank
 from pvl_search.training.train_setup import check_options, make_optimizer, training_parameters
-from pvl_search.training.train_state import has_checkpoint, restore_checkpoint, rewind_log, write_checkpoint
+from pvl_search.training.train_state import check_resumable, restore_checkpoint, rewind_log, write_checkpoint
 from pvl_search.training.validation import ValidationResult, evaluate, probe_summary
 
 
@@ -146,12 +146,14 @@ def train(
         bank = NegativeBank(len(train_data), model.config.embed_dim, model.config.rerank_state_width)
     meta = {"step": 0, "epoch": 0, "best_r1": -1.0, "best_epoch": -1}
     log_path = out / "log.jsonl"
-    if resume and has_checkpoint(out):
+    if resume:  # a resume with nothing (readable) to resume is an error, never a silent fresh start
+        check_resumable(out)
         meta = restore_checkpoint(out / "last", model, optimizer, bank, heads)
         rewind_log(log_path, meta)
     generator = torch.Generator().manual_seed(cfg.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    log = open(log_path, "a")
+    # A fresh run starts its log afresh: lines of one stopped before its first checkpoint go.
+    log = open(log_path, "a" if resume else "w")
     run = _TrainRun(model, cfg, out, device, optimizer, params, heads, bank, autocast, log, progress,
                     steps_per_epoch * cfg.epochs, meta["step"], meta["best_r1"], meta["best_epoch"])
     if stream is not None:

@@ -15,10 +15,11 @@ import torch
 
 from pvl_search.data.pairs import load_pair_sets
 from pvl_search.data.scene_stream import SceneStream, StreamSpec
+from pvl_search.model.checkpoint import save_clip_seconds
 from pvl_search.model.config import ModelConfig
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.training.loop import ProgressFn, TrainConfig, TrainResult, train
-from pvl_search.training.train_state import has_checkpoint
+from pvl_search.training.train_state import check_resumable, has_checkpoint
 
 
 @dataclass
@@ -112,6 +113,9 @@ def train_from_captions(
                           model_frames=config.frames, model_size=config.frame_size)
         datasets["train"] = SceneStream(stream.folder or out / "stream", spec, config.text_length,
                                         passes=stream.passes, patch=config.patch)
+    clip = training_clip_seconds(captions_path, stream)
+    if clip is not None:  # so the best weights tell `index` what windows fit them
+        save_clip_seconds(out / "best", *clip)
     model, trainable = _initial_model(config, cfg, init, train_only)
     result: TrainResult = train(
         model, datasets["train"], datasets["val"], cfg, out, resume=resume, trainable=trainable, progress=progress
@@ -120,6 +124,19 @@ def train_from_captions(
         str(out), len(datasets["train"]), len(datasets["val"]), failed, result.steps, result.resumed_at,
         result.seconds, result.best_epoch, result.best_r1, init, cfg.to_dict(),
     )
+
+
+def training_clip_seconds(captions_path: str | Path, stream: StreamOptions | None) -> tuple[float, str] | None:
+    """The length of the clips a run trains on, and where it comes from: the synthetic stream's,
+    or a `pvl-search synth` captions file's (frames / fps); None for other captions, whose
+    videos differ in length (the model folder then records none)."""
+    if stream is not None:
+        return StreamSpec.seconds, "the synthetic training stream (scene_stream.StreamSpec)"
+    try:
+        generator = json.loads(Path(captions_path).read_text())["generator"]
+        return float(generator["frames"]) / float(generator["fps"]), f"the synth videos of {captions_path}"
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
 
 
 def _initial_model(
@@ -164,6 +181,8 @@ def record_run(out: Path, decisions: dict, *, resume: bool) -> None:
     """out/run.json: what the run was started with, and on what. A resume of a checkpointed
     run keeps the record, refuses changed options (it would no longer be the same run) and
     notes where and when it continued; a new run into a checkpointed folder is refused."""
+    if resume:  # before anything in `out` is made or touched, or a video decoded
+        check_resumable(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RUN_RECORD
     where = {"torch": torch.__version__, "threads": torch.get_num_threads(),

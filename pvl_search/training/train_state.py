@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from pvl_search.model.checkpoint import load_state, save_model
+from pvl_search.model.checkpoint import WEIGHTS_FILE, CheckpointError, load_state, read_safetensors, save_model
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.training.attribute_heads import AttributeHeads
 from pvl_search.training.negative_bank import NegativeBank
@@ -26,6 +26,32 @@ HEADS_FILE = "attribute_heads.safetensors"
 def has_checkpoint(out: Path) -> bool:
     """Whether the run folder `out` holds a resumable checkpoint (`out/last` with its training state)."""
     return (out / "last" / TRAIN_STATE_FILE).exists()
+
+
+def check_resumable(out: Path) -> None:
+    """Refuse a resume of the run in `out` before anything is loaded or written: with no
+    checkpoint there is nothing to continue (say how to start fresh), and a missing or corrupt
+    file in `out/last` is named. There is no older resumable checkpoint to fall back on
+    (`best` holds weights only), so none is taken; the message points at it instead."""
+    last = out / "last"
+    if not has_checkpoint(out):
+        raise CheckpointError(f"--resume: nothing to resume in {out} ({last / TRAIN_STATE_FILE} not found); "
+                              "leave out --resume to start the run fresh")
+    for name in (WEIGHTS_FILE, TRAIN_STATE_FILE, HEADS_FILE, BANK_FILE):
+        if name in (HEADS_FILE, BANK_FILE) and not (last / name).exists():
+            continue  # written only by runs whose losses use them; restore_checkpoint asks when it needs one
+        try:
+            read_safetensors(last / name, header_only=True)
+        except CheckpointError as exc:
+            raise _unresumable(out, exc) from None
+
+
+def _unresumable(out: Path, exc: CheckpointError) -> CheckpointError:
+    """`exc` (which names the file) as the reason the run in `out` cannot be resumed."""
+    best = out / "best" / WEIGHTS_FILE
+    hint = (f"; --init model:{best.parent} starts from its best weights on a fresh schedule, into a new --out"
+            if best.is_file() else "")
+    return CheckpointError(f"{exc}: the checkpoint {out / 'last'} cannot be resumed{hint}")
 
 
 def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, meta: dict) -> None:
@@ -43,23 +69,24 @@ def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, meta: dict)
 
 
 def load_train_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:
-    from safetensors import safe_open
-
+    """Load what `save_train_state` wrote into `optimizer`; returns its counters."""
     path = folder / TRAIN_STATE_FILE
-    with safe_open(str(path), "pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(str(path))
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    for name, value in json.loads(metadata["scalars"]).items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = torch.tensor(value)
+    tensors, metadata = read_safetensors(path)
+    try:
+        scalars, meta = json.loads(metadata["scalars"]), json.loads(metadata["meta"])
+        state: dict[int, dict] = {}
+        for name, value in tensors.items():
+            index, key = name.split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+        for name, value in scalars.items():
+            index, key = name.split(".", 1)
+            state.setdefault(int(index), {})[key] = torch.tensor(value)
+    except (KeyError, ValueError, TypeError) as exc:  # readable safetensors, but not what we write
+        raise CheckpointError(f"{path}: not a training state ({type(exc).__name__}: {exc})") from None
     saved = optimizer.state_dict()
     saved["state"] = state
     optimizer.load_state_dict(saved)
-    return json.loads(metadata["meta"])
+    return meta
 
 
 def write_checkpoint(
@@ -83,11 +110,11 @@ def restore_checkpoint(
     heads: AttributeHeads | None,
 ) -> dict:
     """Load what `write_checkpoint` wrote into the live objects; returns its counters."""
-    load_state(model, load_file(str(folder / "model.safetensors")), source=str(folder))
+    load_state(model, read_safetensors(folder / WEIGHTS_FILE)[0], source=str(folder))
     if bank is not None and (folder / BANK_FILE).exists():
-        bank.load_state_dict(load_file(str(folder / BANK_FILE)))
+        bank.load_state_dict(read_safetensors(folder / BANK_FILE)[0])
     if heads is not None:
-        heads.load_state_dict(load_file(str(folder / HEADS_FILE)))
+        heads.load_state_dict(read_safetensors(folder / HEADS_FILE)[0])
     return load_train_state(folder, optimizer)
 
 

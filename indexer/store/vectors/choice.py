@@ -3,8 +3,9 @@ None is the FAISS file in the index folder, ``milvus:URI[#INDEX_TYPE]`` a Milvus
 
 The choice is made once, at index time (`pvl-search index --vectors milvus:URI`), and is
 stored in SQL beside the model and the FAISS factory, so that `search`, `serve`, `eval` and
-`status` follow it without being told. Changing it on an index rebuilds the vectors in the
-new store from the stored embeddings (they are derived data).
+`status` follow it without being told. Changing it on an index (`--rebuild --vectors`) builds the
+vectors in the new store from the stored embeddings (they are derived data) and records the new
+store only once it holds them all: a move that fails leaves the index on its old store.
 """
 
 from __future__ import annotations
@@ -93,6 +94,29 @@ def new_vectors(settings: VectorSettings, layout: IndexLayout) -> Any:
         return VectorIndex(layout.embedding_dim, factory=layout.faiss_factory,
                            approx_threshold=settings.approx_threshold, **settings.search_params)
     return _milvus(settings, layout)
+
+
+def build_saved_vectors(directory: Path, settings: VectorSettings, layout: IndexLayout, embeddings: np.ndarray,
+                        ids: np.ndarray, meta: dict[str, Any]) -> Any:
+    """A new vector store for `layout` holding `embeddings` under `ids`, saved in `directory`
+    with `meta`: the store an index moves to. On any failure it is closed and the error raised;
+    the caller records the move only after this returned (the old store is untouched, unless
+    both are one Milvus collection: see `shares_collection`)."""
+    vectors = new_vectors(settings, layout)
+    try:
+        vectors.rebuild_from(embeddings, ids)
+        vectors.meta = meta
+        vectors.save(vectors_path(directory, layout))
+    except BaseException:
+        vectors.close()
+        raise
+    return vectors
+
+
+def shares_collection(a: IndexLayout, b: IndexLayout) -> bool:
+    """Whether both layouts keep their vectors in the same Milvus collection (another index
+    type at the same URI): building one replaces the other's contents."""
+    return bool(a.vectors and b.vectors) and _milvus_parts(a.vectors)[0] == _milvus_parts(b.vectors)[0]
 
 
 def load_saved_vectors(directory: Path, settings: VectorSettings, layout: IndexLayout

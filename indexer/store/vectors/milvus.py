@@ -22,6 +22,7 @@ Derived data, like the FAISS file: SQL and the row stores stay the source of tru
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -44,17 +45,61 @@ _clients_lock = threading.Lock()
 
 
 def _client(uri: str) -> Any:
-    from pymilvus import MilvusClient
-
     with _clients_lock:
         client, users = _clients.get(uri, (None, 0))
         if client is None:
-            try:
-                client = MilvusClient(uri=uri)
-            except Exception as exc:  # noqa: BLE001 - any client failure is one line for the user
-                raise IndexStoreError(f"cannot reach Milvus at {uri}: {_short(exc)}") from None
+            client = _connect(uri)
         _clients[uri] = (client, users + 1)
         return client
+
+
+class _LiteFailures(logging.Handler):
+    """Keeps the exceptions Milvus Lite logs while it starts. It logs why a .db would not
+    open (with a traceback, on stderr) and hands pymilvus only "Open local milvus failed":
+    caught here, the reason goes into the one-line error instead."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+
+def _connect(uri: str) -> Any:
+    """A client for `uri`; IndexStoreError, one line with the reason, when there is none."""
+    from pymilvus import MilvusClient
+
+    lite = uri.endswith(".db")
+    if lite and not Path(uri).parent.is_dir():
+        raise IndexStoreError(f"cannot open Milvus Lite file {uri}: folder {Path(uri).parent} does not exist")
+    caught, logger = _LiteFailures(), logging.getLogger("milvus_lite")
+    propagate, logger.propagate = logger.propagate, False  # its traceback must not reach stderr
+    logger.addHandler(caught)
+    try:
+        return MilvusClient(uri=uri)
+    except Exception as exc:  # noqa: BLE001 - any client failure is one line for the user
+        if lite and caught.errors:
+            reason = _lite_reason(uri, caught.errors[-1])
+            raise IndexStoreError(f"cannot open Milvus Lite file {uri}: {reason}") from None
+        raise IndexStoreError(f"cannot reach Milvus at {uri}: {_short(exc)}") from None
+    finally:
+        logger.removeHandler(caught)
+        logger.propagate = propagate
+
+
+def _lite_reason(uri: str, exc: BaseException) -> str:
+    from milvus_lite.exceptions import DataDirLockedError
+
+    if isinstance(exc, DataDirLockedError):
+        # Milvus Lite is embedded: one process at a time may open a .db.
+        return ("another process holds it (a running `pvl-search serve`?): stop that process, or run Milvus as "
+                "a server (python -m milvus_lite server --data-dir FILE) and use --vectors milvus:http://HOST:PORT")
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename if exc.filename and exc.filename != uri else None  # e.g. its LOCK file
+        return exc.strerror + (f": {where}" if where else "")
+    return _short(exc)
 
 
 def _release(uri: str) -> None:
@@ -78,7 +123,8 @@ def _release(uri: str) -> None:
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    message = getattr(exc, "message", None)  # pymilvus' exceptions: the text without "<...(code=...)>"
+    text = str(message if isinstance(message, str) and message else exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
 
