@@ -95,7 +95,7 @@ def find_moments(
         start, end = float(segments.starts[lo]), float(segments.ends[hi])
         if any(start < m.end_s and m.start_s < end for m in moments):
             continue  # overlapping windows: a stretch already shown, not another place
-        moments.append(Moment(round(start, 3), round(end, 3), float(scores[peak]), int(segments.ids[peak])))
+        moments.append(Moment(start, end, float(scores[peak]), int(segments.ids[peak])))
     return moments
 
 
