@@ -157,7 +157,8 @@ def _add_search_route(app: FastAPI, searcher: Searcher, batcher: QueryBatcher, g
             result = gate.run(lambda: guarded(lambda: batcher.submit(request)))
         else:
             result = guarded(lambda: batcher.submit(request))
-        return guarded(lambda: search_json(result, searcher.store, path_root))
+        # A JSONResponse as it is: FastAPI's own encoding walks every timeline score again (~1.4 ms).
+        return JSONResponse(guarded(lambda: search_json(result, searcher.store, path_root)))
 
 
 def _like_only(q: str | None, rerank: str, rerank_k: int | None, fusion: str | None) -> None:
@@ -214,13 +215,16 @@ def create_app(
     batch_window_s: float = BATCH_WINDOW_S,
     max_batch: int = MAX_BATCH,
     allowed_hosts: AllowedHosts | None = None,
+    wait_when_idle: bool = False,
+    batcher: QueryBatcher | None = None,
 ) -> FastAPI:
     """The API and the page over an open Searcher (the caller owns it and closes it); with a
     `token`, every request must carry it (pvl_web.auth). `docs`: serve /docs, /redoc and
     /openapi.json. `path_root`: show video paths relative to this folder (a file outside it
     by its name alone), so answers do not expose the host's folders. Searches arriving
     within `batch_window_s` of each other are answered together, up to `max_batch` at once
-    (indexer/search/batching.py); each answer is the one the request gets alone.
+    (indexer/search/batching.py; a request finding it idle is answered at once unless
+    `wait_when_idle`); each answer is the one the request gets alone.
     `allowed_hosts`: else 403 (pvl_web.hosts); None: no Host check (in-process use; serve sets it)."""
     # The model is not safe for concurrent use, and a search refreshes the index view in
     # place: every text search goes through the batcher, whose one worker thread runs them.
@@ -228,8 +232,7 @@ def create_app(
     # locking (its FAISS search holds the lock a refresh takes).
     # Endpoints are plain functions, so FastAPI runs them in its thread pool, where they
     # wait for their answer while the event loop stays free.
-    batcher = QueryBatcher(lambda requests: searcher.run_many(requests), slow=searcher.is_slow,
-                           window_s=batch_window_s, max_batch=max_batch)
+    batcher = batcher or _batcher(lambda: searcher, batch_window_s, max_batch, not wait_when_idle)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -297,19 +300,32 @@ def serve(
     if path_root is not None and not Path(path_root).is_dir():
         raise ValueError(f"path root {path_root}: no such folder")
     sock = _listen(host, port)
+    opened: list[Searcher] = []
+    # The model is loaded, warmed up and run on the batcher's one thread (QueryBatcher.call).
+    batcher = _batcher(lambda: opened[0], batch_window_s, max_batch, True)
     try:
-        with Searcher(index_dir, db_url=db_url, model_dir=model_dir, device=device, cross_layers=cross_layers,
-                      dtype=dtype, query_cache=query_cache) as searcher:
-            searcher.runner.encode_queries(["warm up"])  # first-call costs are paid before the first user
-            app = create_app(searcher, token=token, docs=docs, path_root=path_root,
-                             batch_window_s=batch_window_s, max_batch=max_batch, allowed_hosts=hosts)
+        opened.append(batcher.call(lambda: Searcher(
+            index_dir, db_url=db_url, model_dir=model_dir, device=device, cross_layers=cross_layers, dtype=dtype,
+            query_cache=query_cache)))
+        with opened[0] as searcher:
+            batcher.call(lambda: searcher.runner.encode_queries(["warm up"]))  # first-call costs paid now
+            app = create_app(searcher, token=token, docs=docs, path_root=path_root, allowed_hosts=hosts,
+                             batcher=batcher)
             server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
             if on_ready is not None:
                 bound_host, bound_port = sock.getsockname()[:2]
                 on_ready(f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}")
             server.run(sockets=[sock])
     finally:
+        batcher.close()
         sock.close()
+
+
+def _batcher(searcher: Callable[[], Searcher], window_s: float, max_batch: int, idle_at_once: bool) -> QueryBatcher:
+    """The batcher of a server's text searches, answering through the searcher `searcher()`
+    gives (serve opens it on the batcher's own thread, after the batcher exists)."""
+    return QueryBatcher(lambda requests: searcher().run_many(requests), slow=lambda r: searcher().is_slow(r),
+                        window_s=window_s, max_batch=max_batch, idle_at_once=idle_at_once)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -317,7 +333,10 @@ def _listen(host: str, port: int) -> socket.socket:
     loads, so a taken port is reported at once and not by uvicorn exiting the process."""
     if not 0 <= port <= 65535:  # else bind() raises OverflowError, not OSError
         raise OSError(f"cannot listen on {host}:{port}: a port is a number from 0 to 65535")
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and
+    # without it a kept-alive connection waited 40 ms (Nagle and delayed ACK) for every answer's
+    # body after its headers (BENCHMARKS.md, "Served queries").
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

@@ -162,6 +162,23 @@ def run_phase(url: str, clients: int, requests: int, seconds: float, counter: it
             "latencies_s": latencies, "server_ms": server_ms}
 
 
+def in_process_p50_ms(index: Path, model_dir: Path, dtype: str, n: int, counter: itertools.count) -> float:
+    """The same search in this process (`Searcher.search`, the server idle meanwhile): the
+    median wall time of `n` fresh queries after a few unmeasured ones."""
+    from indexer.search.searcher import Searcher
+
+    with Searcher(index, model_dir=model_dir, dtype=dtype) as searcher:
+        times = []
+        for _ in range(n + 5):
+            began = time.perf_counter()
+            searcher.search(query_text(next(counter)))
+            times.append((time.perf_counter() - began) * 1000)
+    return statistics.median(times[5:])
+
+
+STAGES = ("encode", "retrieve", "rerank", "lookup", "moments", "total")
+
+
 def summarise(phases: list[dict]) -> dict:
     latencies = [t for p in phases for t in p["latencies_s"]]
     done, seconds = sum(p["done"] for p in phases), sum(p["seconds"] for p in phases)
@@ -169,7 +186,9 @@ def summarise(phases: list[dict]) -> dict:
     p50, p95 = (np.percentile(latencies, [50, 95]).tolist() if latencies else [float("nan")] * 2)
     return {"requests": done, "errors": sum(p["errors"] for p in phases), "seconds": seconds,
             "throughput_rps": done / seconds if seconds else float("nan"), "p50_ms": p50 * 1000,
-            "p95_ms": p95 * 1000, "server_encode_ms_p50": statistics.median(encode) if encode else float("nan")}
+            "p95_ms": p95 * 1000, "server_encode_ms_p50": statistics.median(encode) if encode else float("nan"),
+            "server_stage_ms_p50": {stage: statistics.median(m.get(stage, 0.0) for p in phases for m in p["server_ms"])
+                                    for stage in STAGES} if encode else {}}
 
 
 def main() -> None:
@@ -211,7 +230,8 @@ def main() -> None:
                     single.append(run_phase(server.url, 1, args.requests, budget(), counter))
                     multi.append(run_phase(server.url, args.clients, args.requests, budget(), counter))
             one, many = summarise(single), summarise(multi)
-            results[config] = {"single": one, f"{args.clients}_clients": many,
+            in_process = in_process_p50_ms(index, model_dir, args.dtype, min(args.requests, 100), counter)
+            results[config] = {"single": one, f"{args.clients}_clients": many, "in_process_p50_ms": in_process,
                                "throughput_ratio": many["throughput_rps"] / one["throughput_rps"],
                                "p95_over_single_p50": many["p95_ms"] / one["p50_ms"]}
     load = os.getloadavg()
@@ -228,6 +248,17 @@ def main() -> None:
     print("|---|---:|---:|")
     for config, r in results.items():
         print(f"| {config} | {r['throughput_ratio']:.2f} | {r['p95_over_single_p50']:.2f} |")
+    print("\nWhere a 1-client request's time goes (p50 of each, ms; the server's stages from its timings_ms; "
+          "outside = client p50 - server total: HTTP, thread hand-offs, JSON):\n")
+    print(f"| config | client p50 | {' | '.join(STAGES[:-1])} | server total | outside | in-process p50 | "
+          "served - in-process (goal <= 5) |")
+    print("|---|" + "---:|" * (len(STAGES) + 4))
+    for config, r in results.items():
+        stages = r["single"]["server_stage_ms_p50"]
+        outside = r["single"]["p50_ms"] - stages.get("total", float("nan"))
+        print(f"| {config} | {r['single']['p50_ms']:.1f} | " + " | ".join(f"{stages.get(s, 0):.1f}" for s in STAGES[:-1])
+              + f" | {stages.get('total', float('nan')):.1f} | {outside:.1f} | {r['in_process_p50_ms']:.1f} | "
+              f"{r['single']['p50_ms'] - r['in_process_p50_ms']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                         indent=2))

@@ -123,10 +123,12 @@ def answer(body: dict) -> dict:
 @pytest.fixture
 def servers(corpus: Corpus) -> Iterator[tuple[ServerThread, ServerThread]]:
     """(batching server, server answering each request alone). The batching one waits up to
-    a minute for all of REQUESTS, so they are certain to arrive as one batch."""
+    a minute for all of REQUESTS, even the first (it found the server idle), so they are
+    certain to arrive as one batch."""
     with Searcher(corpus.index_f32, runner=corpus.f32) as batched, \
             Searcher(corpus.index_f32, runner=corpus.f32, query_cache=0) as alone:
-        with ServerThread(create_app(batched, batch_window_s=60.0, max_batch=len(REQUESTS))) as a, \
+        with ServerThread(create_app(batched, batch_window_s=60.0, max_batch=len(REQUESTS),
+                                     wait_when_idle=True)) as a, \
                 ServerThread(create_app(alone, batch_window_s=0.0, max_batch=1)) as b:
             yield a, b
 
@@ -217,3 +219,25 @@ def test_a_bfloat16_index_searched_in_float32_refuses_nothing_and_loses_nothing(
     hits = [json.loads(line) for line in found.stdout.splitlines()]
     assert len(hits) == len(VIDEOS) + 1 and {h["path"] for h in hits} >= {str(extra / "cyan.mp4")}
     assert all(h["dtype"] == "float32" and h["index_dtype"] == "bfloat16,float32" for h in hits)
+
+
+def test_an_idle_batcher_answers_at_once_and_a_busy_one_batches() -> None:
+    """The batcher itself (its `answer` a plain function that records its batches): a request
+    finding it idle skips the window (a minute here, so waiting for it would fail the 30 s
+    timeout); requests arriving soon after a batch still wait for each other (up to
+    `max_batch`) and go together."""
+    from indexer.search.batching import QueryBatcher
+    from indexer.search.request import SearchRequest
+    from indexer.search.results import SearchResult
+
+    sizes: list[int] = []
+
+    def answer(requests):  # noqa: ANN001, ANN202
+        sizes.append(len(requests))
+        return [SearchResult(r.query, [], "none", False) for r in requests]
+
+    with QueryBatcher(answer, window_s=60.0, max_batch=3) as batcher, ThreadPoolExecutor(3) as pool:
+        assert pool.submit(batcher.submit, SearchRequest("alone")).result(timeout=30).query == "alone"
+        together = [pool.submit(batcher.submit, SearchRequest(f"q{i}")) for i in range(3)]
+        assert [f.result(timeout=30).query for f in together] == ["q0", "q1", "q2"]
+    assert sizes == [1, 3]

@@ -104,6 +104,9 @@ def test_readers_alongside_a_writer(db_url: str, tmp_path: Path) -> None:
     writer.mark_failed("/v/b.mp4", "gone bad")
     assert first.refresh() is True
     assert live_ids(first) == [7, 8]
+    # Segment rows it read before (and kept: IndexReader.segments) follow the removals.
+    assert first.segments([0, 5, 7]).keys() == {0, 5, 7}
+    assert first.segments([0])[0].removed and first.segments([5])[5].removed and not first.segments([7])[7].removed
     assert first.known_videos()["/v/b.mp4"].status == "failed"
     assert_consistent(first, db_url)
     assert second.refresh() is True  # several changes at once, from the FAISS it had

@@ -3,8 +3,9 @@
 Callers on many threads `submit` a request and block until its answer. One worker thread
 takes the first waiting request, waits at most `window_s` from that request's arrival for
 others (fewer if `max_batch` are waiting), and answers them with one call of `answer`
-(`Searcher.run_many`: one text-encoder call for the batch). So a lone request waits at
-most the window, and requests that queued while a batch ran go in the next batch at once.
+(`Searcher.run_many`: one text-encoder call for the batch). A request that finds the batcher
+idle is answered at once, and requests that queued while a batch ran go in the next batch at
+once.
 
 Single-stream rerank requests decode every candidate again (seconds): they are answered
 after the rest of their batch, each on its own, so they never hold back the fast ones.
@@ -18,11 +19,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from indexer.search.request import SearchRequest, is_slow
 from indexer.search.searcher import SearchResult
 
+T = TypeVar("T")
 BATCH_WINDOW_S = 0.005  # a few ms: next to a text-encoder call, and far below a person's notice
 MAX_BATCH = 16
 
@@ -54,6 +58,7 @@ class QueryBatcher:
         window_s: float = BATCH_WINDOW_S,
         max_batch: int = MAX_BATCH,
         slow: Callable[[SearchRequest], bool] | None = None,
+        idle_at_once: bool = True,
     ) -> None:
         if window_s < 0 or max_batch < 1:
             raise ValueError(f"batch window must be >= 0 s and the batch limit >= 1 (got {window_s}, {max_batch})")
@@ -63,6 +68,13 @@ class QueryBatcher:
         self.slow = slow or (lambda request: is_slow(request.rerank))
         self.window_s = window_s
         self.max_batch = max_batch
+        # A request that finds the batcher idle (no batch ended within the window before it
+        # arrived) is answered at once: waiting could only add the window to a lone request
+        # (BENCHMARKS.md, "Served queries"). Under load requests queue while a batch runs and
+        # still go in the next batch together.
+        self.idle_at_once = idle_at_once
+        self._last_done = float("-inf")  # when the last batch ended (monotonic)
+        self._calls: deque[tuple[Callable[[], object], Future]] = deque()  # `call`s not run yet
         self.stats = BatchStats()
         self._queue: deque[_Job] = deque()
         self._cond = threading.Condition()
@@ -84,6 +96,19 @@ class QueryBatcher:
         assert job.result is not None
         return job.result
 
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the worker thread, between batches, and return what it returned (or raise
+        what it raised). A process's torch work belongs on one thread: a second thread running
+        torch's OpenMP beside the first's pool ran the same search 2x slower on 2 cores
+        (BENCHMARKS.md, "Served queries"), so `serve` loads the model here."""
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the query batcher is closed")
+            self._calls.append((fn, future))
+            self._cond.notify_all()
+        return future.result()
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -97,12 +122,28 @@ class QueryBatcher:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
+    def _run_calls(self) -> None:
+        while True:
+            with self._cond:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
     def _next_batch(self) -> list[_Job] | None:
+        self._run_calls()
         with self._cond:
-            self._cond.wait_for(lambda: self._queue or self._closed)
+            self._cond.wait_for(lambda: self._queue or self._calls or self._closed)
+            if self._calls:
+                return []  # run them first (the loop comes back here)
             if not self._queue:
                 return None  # closed and drained
-            deadline = self._queue[0].arrived + self.window_s
+            first = self._queue[0].arrived
+            idle = self.idle_at_once and len(self._queue) == 1 and first - self._last_done > self.window_s
+            deadline = first if idle else first + self.window_s
             while len(self._queue) < self.max_batch and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -112,6 +153,8 @@ class QueryBatcher:
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
+            if not batch:
+                continue
             slow = [self.slow(job.request) for job in batch]
             fast = [job for job, is_slow_job in zip(batch, slow) if not is_slow_job]
             if fast:
@@ -119,6 +162,7 @@ class QueryBatcher:
             for job, is_slow_job in zip(batch, slow):
                 if is_slow_job:
                     self._run([job])
+            self._last_done = time.monotonic()
 
     def _run(self, jobs: list[_Job]) -> None:
         self.stats.batches += 1

@@ -17,7 +17,7 @@ The margins were chosen on the moment benchmark's validation corpus (BENCHMARKS.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,7 +37,7 @@ class Moment:
     segment_id: int  # that segment: "more like this moment" searches with its embedding
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"start_s": self.start_s, "end_s": self.end_s, "score": self.score, "segment_id": self.segment_id}
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Timeline:
     scores: list[float]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"step_s": self.step_s, "scores": list(self.scores)}
 
 
 def _grow(scores: np.ndarray, peak: int, margin: float, taken: np.ndarray) -> tuple[int, int]:

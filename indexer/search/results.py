@@ -32,7 +32,11 @@ class VideoHit:
     timeline: Timeline | None = None  # scores along the whole video
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # By hand, not dataclasses.asdict: asdict deep-copies every timeline score, which cost
+        # about 1 ms of a served search's 10 (BENCHMARKS.md, "Served queries").
+        return {"rank": self.rank, "video_id": self.video_id, "path": self.path, "duration": self.duration,
+                "score": self.score, "best": asdict(self.best), "moments": [m.to_dict() for m in self.moments],
+                "timeline": None if self.timeline is None else self.timeline.to_dict()}
 
 
 @dataclass
@@ -47,4 +51,6 @@ class SearchResult:
     windows: Windows | None = None  # what the index's videos are cut into (None: not recorded)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"query": self.query, "hits": [hit.to_dict() for hit in self.hits], "rerank": self.rerank,
+                "truncated": self.truncated, "timings_ms": dict(self.timings_ms), "dtype": self.dtype,
+                "index_dtype": self.index_dtype, "windows": None if self.windows is None else asdict(self.windows)}

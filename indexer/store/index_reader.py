@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from alembic.script import ScriptDirectory
@@ -28,7 +29,7 @@ from indexer.errors import IndexReplacedError, IndexStoreError, RowStoreError, S
 from indexer.paths import from_stored
 from indexer.store.base import StoreBase
 from indexer.store.database import Database, alembic_config, current_revisions, read_only_engine, session_factory
-from indexer.store.records import EMBEDDINGS_FILE, LATENTS_FILE, RERANK_FILE, VideoSegments, layout_of
+from indexer.store.records import EMBEDDINGS_FILE, LATENTS_FILE, RERANK_FILE, SegmentInfo, VideoSegments, layout_of
 from indexer.store.row_store import RowStore
 from indexer.store.schema import IndexInfo, Segment, Video, VideoStatus
 
@@ -38,11 +39,32 @@ class IndexReader(StoreBase):
     nothing, and sees newly committed videos after `refresh()` (see the module doc)."""
 
     read_only = True
+    # Segment rows change only by removal, which bumps removal_seq: rows read under one value
+    # stay true until it moves. Kept so a search's candidate rows cost no SQL once seen (3 ms
+    # of a served tiny search's 12: BENCHMARKS.md, "Served queries"); bounded, then cleared.
+    SEGMENT_CACHE = 200_000
+
+    def segments(self, ids: Any) -> dict[int, SegmentInfo]:
+        """`StoreBase.segments`, answered from the rows already read while no removal committed."""
+        wanted = {int(i) for i in np.asarray(ids).reshape(-1) if i >= 0}
+        with self._view_lock:
+            cache = self._segment_cache
+            if self._segment_cache_key != (self._uuid, self._faiss_seq):
+                cache.clear()
+                self._segment_cache_key = (self._uuid, self._faiss_seq)
+            missing = [i for i in wanted if i not in cache]
+            if missing:
+                if len(cache) > self.SEGMENT_CACHE:
+                    cache.clear()
+                cache.update(super().segments(missing))
+            return {i: cache[i] for i in wanted if i in cache}
 
     def _no_index(self) -> IndexStoreError:
         return IndexStoreError(f"no index at {self.directory} (run `pvl-search index` first)")
 
     def _open(self) -> None:
+        self._segment_cache: dict[int, SegmentInfo] = {}
+        self._segment_cache_key: tuple | None = None
         if not self.directory.is_dir():
             raise self._no_index()
         # Taken before anything is read: a replacement during the open is seen next time.
