@@ -97,8 +97,10 @@ def test_readers_alongside_a_writer(db_url: str, tmp_path: Path) -> None:
     assert first.stats().rows == 7 and not np.isin(first.search(emb_c, 9)[1], [7, 8]).any()
     with pytest.raises(IndexStoreError, match=r"\[0, 7\)"):
         first.embeddings([7])  # not committed as far as this reader knows
+    assert len(first.video_segments([3])[3].ids) == 0  # c's rows: not committed for this view yet
     assert first.refresh() is True and first.refresh() is False
     assert first.search(emb_c, 1)[1][:, 0].tolist() == [7, 8]
+    assert first.video_segments([3])[3].ids.tolist() == [7, 8]  # the view moved: read again
     assert_consistent(first, db_url)
     writer.mark_removed("/v/a.mp4")
     writer.mark_failed("/v/b.mp4", "gone bad")

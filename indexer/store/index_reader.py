@@ -39,23 +39,26 @@ class IndexReader(StoreBase):
     nothing, and sees newly committed videos after `refresh()` (see the module doc)."""
 
     read_only = True
-    # Segment rows change only by removal, which bumps removal_seq: rows read under one value
-    # stay true until it moves. Kept so a search's candidate rows cost no SQL once seen (3 ms
-    # of a served tiny search's 12: BENCHMARKS.md, "Served queries"); bounded, then cleared.
-    SEGMENT_CACHE = 200_000
+    # Rows read under one view stay true until it moves: segment rows change only by removal,
+    # which bumps removal_seq; a video's segment list also by new commits. Kept, so a search's
+    # candidates and result videos cost no SQL once seen (3 ms of a served tiny search's 12:
+    # BENCHMARKS.md, "Served queries"); each cache bounded, then emptied.
+    CACHE_ENTRIES = 200_000
+
+    def _cache(self, name: str, key: tuple) -> dict:
+        """The cache `name` of rows read under view `key` (emptied when the key moves or it is full)."""
+        held = self._caches.get(name)
+        if held is None or held[0] != key or len(held[1]) > self.CACHE_ENTRIES:
+            held = self._caches[name] = (key, {})
+        return held[1]
 
     def segments(self, ids: Any) -> dict[int, SegmentInfo]:
         """`StoreBase.segments`, answered from the rows already read while no removal committed."""
         wanted = {int(i) for i in np.asarray(ids).reshape(-1) if i >= 0}
         with self._view_lock:
-            cache = self._segment_cache
-            if self._segment_cache_key != (self._uuid, self._faiss_seq):
-                cache.clear()
-                self._segment_cache_key = (self._uuid, self._faiss_seq)
+            cache = self._cache("segments", (self._uuid, self._faiss_seq))
             missing = [i for i in wanted if i not in cache]
             if missing:
-                if len(cache) > self.SEGMENT_CACHE:
-                    cache.clear()
                 cache.update(super().segments(missing))
             return {i: cache[i] for i in wanted if i in cache}
 
@@ -63,8 +66,7 @@ class IndexReader(StoreBase):
         return IndexStoreError(f"no index at {self.directory} (run `pvl-search index` first)")
 
     def _open(self) -> None:
-        self._segment_cache: dict[int, SegmentInfo] = {}
-        self._segment_cache_key: tuple | None = None
+        self._caches: dict[str, tuple[tuple, dict]] = {}
         if not self.directory.is_dir():
             raise self._no_index()
         # Taken before anything is read: a replacement during the open is seen next time.
@@ -210,7 +212,15 @@ class IndexReader(StoreBase):
     def video_segments(self, video_ids: Iterable[int]) -> dict[int, VideoSegments]:
         """The live segments of each video in `video_ids`, in time order (one SQL read): what
         a search scores to find the moments inside its result videos."""
-        wanted = sorted({int(v) for v in video_ids})
+        with self._view_lock:
+            cache = self._cache("video_segments", (self._uuid, self._faiss_seq, self._rows))
+            wanted = {int(v) for v in video_ids}
+            missing = sorted(wanted - cache.keys())
+            if missing:
+                cache.update(self._read_video_segments(missing))
+            return {v: cache[v] for v in wanted}
+
+    def _read_video_segments(self, wanted: list[int]) -> dict[int, VideoSegments]:
         rows: dict[int, list[tuple[int, float, float]]] = {v: [] for v in wanted}
         with self.db.sessions() as s:
             for lo in range(0, len(wanted), 5000):  # stay under the servers' parameter limits
