@@ -75,7 +75,7 @@ from pvl_search.ranking import FUSION_HELP
 from pvl_web import PAGE, PAGE_CSP, STATIC_DIR
 from pvl_web.auth import TokenGate, check_token, is_loopback
 from pvl_web.files import MediaResponse, content_disposition
-from pvl_web.guards import SingleStreamGate, found, guarded, known
+from pvl_web.guards import SingleStreamGate, found, guarded
 from pvl_web.hosts import AllowedHosts, HostGate
 from pvl_web.present import json_safe, search_json
 
@@ -152,7 +152,7 @@ def _add_search_route(app: FastAPI, searcher: Searcher, batcher: QueryBatcher, g
             raise HTTPException(status_code=400, detail=str(exc)) from None
         result: SearchResult
         if like is not None:  # no text to encode: not through the batcher (this runs in the thread pool)
-            result = known(lambda: searcher.more_like(like, k=request.k, filters=request.filters))
+            result = found(lambda: searcher.more_like(like, k=request.k, filters=request.filters))
         elif searcher.is_slow(request):  # the reranker it resolves to, "auto" included
             result = gate.run(lambda: guarded(lambda: batcher.submit(request)))
         else:
@@ -174,7 +174,7 @@ def _add_index_routes(app: FastAPI, searcher: Searcher, path_root: str | Path | 
     """Video metadata, health, the files (SQL only: no need to wait for a search), the page."""
     @app.get("/videos/{video_id}")
     def video(video_id: Annotated[int, PathParam(ge=0, le=2**63 - 1, description="A video id from /search.")]) -> dict:
-        video = known(lambda: searcher.video(video_id))  # SQL only: no need to wait for a search
+        video = found(lambda: searcher.video(video_id))  # SQL only: no need to wait for a search
         return json_safe({**video, "path": relative_shown(video["path"], path_root)})
 
     @app.get("/health")

@@ -15,7 +15,7 @@ from fastapi import HTTPException
 
 from indexer.errors import IndexStoreError, NotFoundError
 from indexer.search.request import SearchError
-from indexer.store.media_files import MediaFile, MediaNotFound
+from indexer.store.media_files import MediaNotFound
 
 log = logging.getLogger("pvl_search.server")
 
@@ -43,23 +43,13 @@ def guarded(fn: Callable[[], T]) -> T:
         raise internal_error(exc) from None
 
 
-def known(fn: Callable[[], T]) -> T:
-    """`guarded`, with the library's NotFoundError (an unknown video or segment) -> 404."""
+def found(lookup: Callable[[], T]) -> T:
+    """`guarded`, with nothing there (an unknown video or segment, a media file that cannot be
+    served) -> 404."""
     def run() -> T:
         try:
-            return fn()
-        except NotFoundError as exc:
-            raise HTTPException(status_code=404, detail=str(exc)) from None
-
-    return guarded(run)
-
-
-def found(lookup: Callable[[], MediaFile]) -> MediaFile:
-    """A media lookup (SQL only, no lock); nothing to serve -> 404."""
-    def run() -> MediaFile:
-        try:
             return lookup()
-        except MediaNotFound as exc:
+        except (NotFoundError, MediaNotFound) as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from None
 
     return guarded(run)
