@@ -57,7 +57,8 @@ def index(
         help="Keep each segment's full N x D latents (the latent reranker reads them). Default: yes for a model with "
              "a latent reranker, else no; an existing index keeps its choice.")] = None,
     faiss_factory: Annotated[str | None, typer.Option(help="FAISS factory string, e.g. HNSW32 (default: exact, "
-                                                           "switching to IVF past 50k segments).")] = None,
+                                                           "switching to IVF past 50k segments); a new index "
+                                                           "only.")] = None,
     retry_failed: Annotated[bool, typer.Option(help="Retry files that failed before even if unchanged.")] = False,
     rebuild: Annotated[bool, typer.Option(help="Only recreate the FAISS index (or Milvus collection) from the stored "
                                           "embeddings; with --vectors, move the vectors there first.")] = False,

@@ -194,6 +194,12 @@ def test_vectors_without_rebuild_on_an_existing_index_is_refused(tmp_path: Path,
     assert_one_error_line(run, "--rebuild")
     assert not target.exists() and searched(folder, runner) == before
 
+    # Nor is a FAISS factory other than the index's (it is chosen when an index is made).
+    run = cli("index", str(corpus), "--index", str(folder), "--model", str(model_dir), "--dtype", "float32",
+              "--workers", "1", "--window", "6", "--stride", "3", "--faiss-factory", "HNSW32")
+    assert_one_error_line(run, "--faiss-factory", "new folder")
+    assert searched(folder, runner) == before
+
     # The other way too; naming the store the index records already is no move at all.
     milvus_folder, spec = on_milvus(faiss_index, tmp_path / "m")
     with IndexStore(milvus_folder) as store, pytest.raises(IndexStoreError, match="--rebuild"):

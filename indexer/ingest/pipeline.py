@@ -42,7 +42,7 @@ def build_index(
 ) -> IndexSummary:
     """Bring the index in line with the files under `paths`; see the module doc."""
     began = time.perf_counter()
-    _check_vectors_option(store, (options or IndexOptions()).vectors)
+    _check_vectors_option(store, (options or IndexOptions()).vectors, (options or IndexOptions()).faiss_factory)
     writer = RunWriter(store, progress)
     options = writer.prepare(runner, options or IndexOptions())
     planned = plan(paths, store, retry_failed=options.retry_failed, reindex=options.reindex)
@@ -88,11 +88,20 @@ def _by_video(segments: list[SegmentInfo], skip: set[str]) -> dict[str, list[Seg
     return {path: sorted(segs, key=lambda s: s.start_s) for path, segs in grouped.items()}
 
 
-def _check_vectors_option(store: IndexStore, option: str | None) -> None:
-    """An index run does not move an index's vectors (that is `rebuild_vectors`): another
-    `--vectors` than the index records is refused rather than ignored."""
+def _check_vectors_option(store: IndexStore, option: str | None, factory: str | None = None) -> None:
+    """An index run does not move an index's vectors (that is `rebuild_vectors`) nor change its
+    FAISS factory (chosen when the index is made): another `--vectors` or `--faiss-factory`
+    than the index records is refused rather than ignored."""
     current = store.layout
-    if option is None or current is None:
+    if current is None:
+        return
+    if factory is not None and factory != current.faiss_factory:
+        raise IndexStoreError(
+            f"index {store.directory} uses the FAISS factory "
+            f"{current.faiss_factory or 'chosen by size (exact, then IVF)'}; --faiss-factory applies when an "
+            f"index is made: index into a new folder to use {factory}"
+        )
+    if option is None:
         return
     wanted = parse_vectors(option)
     if wanted != current.vectors:
