@@ -145,6 +145,9 @@ def index(
         )
         for path, reason in summary.failed.items():
             err_console.print(f"[yellow]failed:[/yellow] {path}: {reason}", highlight=False)
+        if summary.continued_reindex:
+            err_console.print("note: an earlier `--reindex` was interrupted; this run cut every video again",
+                              highlight=False)
         if summary.reindex_hint:
             err_console.print(f"note: {summary.reindex_hint}", highlight=False)
         if summary.decoder_messages:  # FFmpeg's warnings about damaged streams: the files indexed anyway

@@ -209,3 +209,42 @@ def test_other_windows_need_reindex_and_an_old_index_still_searches(long_index, 
         lengths = {round(float(e - s), 2) for seg in reader.video_segments(range(1, 7)).values()
                    for s, e in zip(seg.starts, seg.ends)}
     assert lengths == {3.0}  # every video cut again; the 10 s segments are gone
+
+
+def test_an_interrupted_reindex_goes_on_at_the_next_run(long_index, tmp_path: Path) -> None:
+    """A `--reindex` killed after its first video (a real SIGKILL, while the process is stopped
+    right after that video's SQL commit) leaves the index cut two ways; the next plain run
+    finishes the re-cut by itself, and says so."""
+    import os
+    import signal
+    import subprocess
+
+    from tests.index_helpers import cli_env, pvl_search, wait_until_stopped
+
+    _, _, videos = long_index
+    folder = tmp_path / "idx"
+    done = cli("index", str(videos), "--index", str(folder), "--window", "10", "--stride", "5")
+    assert done.returncode == 0, done.stderr
+    log = tmp_path / "reindex.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([pvl_search(), "index", str(videos), "--index", str(folder), "--reindex"],
+                                env={**cli_env(), "PVL_TEST_PAUSE_AT": "sql_committed"},
+                                stdout=subprocess.DEVNULL, stderr=err)
+    wait_until_stopped(proc, log, "sql_committed")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    record = json.loads((folder / WINDOWS_FILE).read_text())
+    assert record == {"window_s": 3.0, "stride_s": 1.29, "reindex_pending": True}
+
+    def lengths() -> set[float]:
+        with IndexReader(folder) as reader:
+            return {round(float(e - s), 2) for seg in reader.video_segments(range(1, 10)).values()
+                    for s, e in zip(seg.starts, seg.ends)}
+
+    assert 3.0 not in lengths() or len(lengths()) > 1  # not every video is cut anew yet
+    rerun = cli("index", str(videos), "--index", str(folder))
+    assert rerun.returncode == 0 and "interrupted" in rerun.stderr, rerun.stderr
+    assert lengths() == {3.0}
+    assert json.loads((folder / WINDOWS_FILE).read_text()) == {"window_s": 3.0, "stride_s": 1.29}
+    again = cli("index", str(videos), "--index", str(folder))
+    assert again.returncode == 0 and "interrupted" not in again.stderr and "indexed 0" in again.stdout

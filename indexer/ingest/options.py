@@ -59,6 +59,7 @@ class IndexSummary:
     decoder_log: str | None = None  # where they are (the index folder's decoder.log), when any
     windows: dict | None = None  # what videos were cut into: {"window_s", "stride_s"}
     reindex_hint: str | None = None  # the offer to re-cut the index to the model's own windows
+    continued_reindex: bool = False  # this run went on with a --reindex an earlier run left unfinished
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -42,9 +42,11 @@ def build_index(
 ) -> IndexSummary:
     """Bring the index in line with the files under `paths`; see the module doc."""
     began = time.perf_counter()
-    _check_vectors_option(store, (options or IndexOptions()).vectors, (options or IndexOptions()).faiss_factory)
+    asked = options or IndexOptions()
+    _check_vectors_option(store, asked.vectors, asked.faiss_factory)
+    options = _continue_reindex(store, asked)
     writer = RunWriter(store, progress)
-    options = writer.prepare(runner, options or IndexOptions())
+    options = writer.prepare(runner, options)
     planned = plan(paths, store, retry_failed=options.retry_failed, reindex=options.reindex)
     missing = writer.start(planned, runner.dtype_name)
     redo = {str(path) for path, _, _ in planned.todo}
@@ -62,11 +64,13 @@ def build_index(
             writer.save()  # the new videos are safe before the thumbnail pass
             for path, ids, images in missing_thumbnails(pool, backfill, runner.config):
                 writer.write_thumbnails(path, ids, images)
+        writer.finish()
     finally:
         torch.set_num_threads(threads)
         writer.save()
     summary = writer.summary
     summary.seconds = time.perf_counter() - began
+    summary.continued_reindex = options.reindex and not asked.reindex
     return summary
 
 
@@ -86,6 +90,16 @@ def _by_video(segments: list[SegmentInfo], skip: set[str]) -> dict[str, list[Seg
         if seg.path not in skip:
             grouped.setdefault(seg.path, []).append(seg)
     return {path: sorted(segs, key=lambda s: s.start_s) for path, segs in grouped.items()}
+
+
+def _continue_reindex(store: IndexStore, options: IndexOptions) -> IndexOptions:
+    """A `--reindex` that was interrupted goes on by itself, to the windows it recorded: until it
+    is done some videos may still be cut the old way."""
+    if options.reindex or not store.reindex_pending() or (options.window_s, options.stride_s) != (None, None):
+        return options
+    windows = store.windows()
+    assert windows is not None  # a pending re-cut always records its windows
+    return dataclasses.replace(options, reindex=True, window_s=windows.window_s, stride_s=windows.stride_s)
 
 
 def _check_vectors_option(store: IndexStore, option: str | None, factory: str | None = None) -> None:

@@ -46,7 +46,7 @@ class RunWriter:
         windows = choose_windows(options.window_s, options.stride_s, recorded=store.windows(),
                                  holds_videos=store.counts()[0] > 0, clip_s=runner.clip_s, reindex=options.reindex)
         options = dataclasses.replace(options, window_s=windows.window_s, stride_s=windows.stride_s)
-        self._windows, self._clip_s = windows, runner.clip_s
+        self._windows, self._clip_s, self._reindexing = windows, runner.clip_s, options.reindex
         keep_latents = options.store_latents
         if keep_latents is None:
             keep_latents = config.latent_reranker if store.layout is None else store.layout.keeps_latents
@@ -122,6 +122,11 @@ class RunWriter:
         self._backfilled += 1
         self._report(path)
 
+    def finish(self) -> None:
+        """The run went through: a `--reindex` it made is complete (every video cut anew)."""
+        if self._reindexing and self.store.reindex_pending():
+            self.store.record_dtype(self.summary.dtype, self._windows)
+
     def save(self) -> None:
         """Save the vector index (after the new videos, before the thumbnail pass, and at the end)."""
         self.store.save_vectors()
@@ -138,7 +143,7 @@ class RunWriter:
     def _note_dtype(self, dtype: str) -> None:
         if dtype not in self._dtypes:
             self._dtypes.add(dtype)
-            self.store.record_dtype(dtype, self._windows)
+            self.store.record_dtype(dtype, self._windows, reindexing=self._reindexing)
 
     def _add(self, video: EncodedVideo, options: IndexOptions) -> None:
         info = video.info

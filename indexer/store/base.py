@@ -38,7 +38,7 @@ from indexer.store.sql_filters import path_matches
 from indexer.store.thumbnails import ThumbnailStore
 from indexer.store.vectors.choice import MILVUS_META_FILE, VectorSettings, load_saved_vectors, new_vectors
 from indexer.store.vectors.faiss_index import DEFAULT_APPROX_THRESHOLD, VectorIndex
-from indexer.store.windows_record import read_windows
+from indexer.store.windows_record import read_windows, reindex_pending
 from pvl_search.media.windows import Windows
 
 
@@ -188,6 +188,10 @@ class StoreBase(ABC):
     def windows(self) -> Windows | None:
         """The windows this index cuts videos into; None: not recorded (an older index)."""
         return read_windows(self.directory)
+
+    def reindex_pending(self) -> bool:
+        """Whether a `--reindex` to those windows was interrupted (store/windows_record.py)."""
+        return reindex_pending(self.directory)
 
     def check_model(self, model_config: str, weights_fingerprint: str) -> None:
         """Raise ModelMismatchError unless this index was built with this model."""

@@ -128,12 +128,12 @@ class IndexStore(StoreBase):
 
     # -- model / layout -----------------------------------------------------------------
 
-    def record_dtype(self, dtype: str, windows: Windows | None = None) -> None:
+    def record_dtype(self, dtype: str, windows: Windows | None = None, *, reindexing: bool = False) -> None:
         """Writer: segments are about to be encoded in `dtype` (noted once per dtype; the vectors
-        are float whatever it is) and cut into `windows` (windows.json)."""
+        are float whatever it is), cut into `windows`, by a `--reindex` run or not (windows.json)."""
         self._ready_for_writes()
-        if windows is not None and self.windows() != windows:
-            write_windows(self.directory, windows)
+        if windows is not None and (self.windows(), self.reindex_pending()) != (windows, reindexing):
+            write_windows(self.directory, windows, reindex_pending=reindexing)
         known = [name for name in (self._info.encode_dtype or "").split(",") if name]
         if dtype not in known:
             self._write_info(encode_dtype=",".join([*known, dtype]))

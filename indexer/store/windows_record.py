@@ -19,12 +19,12 @@ from pvl_search.media.windows import Windows
 WINDOWS_FILE = "windows.json"
 
 
-def read_windows(directory: Path) -> Windows | None:
-    """The recorded windows; None when the index records none."""
+def _read(directory: Path) -> dict | None:
     path = Path(directory) / WINDOWS_FILE
     try:
         data = json.loads(path.read_text())
-        return Windows(float(data["window_s"]), float(data["stride_s"]))
+        Windows(float(data["window_s"]), float(data["stride_s"]))
+        return data
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -32,12 +32,29 @@ def read_windows(directory: Path) -> Windows | None:
                               "the default windows") from None
 
 
-def write_windows(directory: Path, windows: Windows) -> None:
-    """Record `windows` (atomic: a crash leaves the old record or the new one)."""
+def read_windows(directory: Path) -> Windows | None:
+    """The recorded windows; None when the index records none."""
+    data = _read(directory)
+    return None if data is None else Windows(float(data["window_s"]), float(data["stride_s"]))
+
+
+def reindex_pending(directory: Path) -> bool:
+    """Whether a `--reindex` to the recorded windows began and has not finished: until it has,
+    some videos may still be cut the old way, so the next run cuts them all again."""
+    data = _read(directory)
+    return bool(data and data.get("reindex_pending"))
+
+
+def write_windows(directory: Path, windows: Windows, *, reindex_pending: bool = False) -> None:
+    """Record `windows`, and whether a re-cut to them is under way (atomic: a crash leaves the
+    old record or the new one)."""
     path = Path(directory) / WINDOWS_FILE
     tmp = path.with_name(WINDOWS_FILE + ".tmp")
+    record = {"window_s": windows.window_s, "stride_s": windows.stride_s}
+    if reindex_pending:
+        record["reindex_pending"] = True
     with open(tmp, "w") as handle:
-        json.dump({"window_s": windows.window_s, "stride_s": windows.stride_s}, handle)
+        json.dump(record, handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
