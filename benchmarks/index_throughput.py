@@ -18,6 +18,7 @@ runs, interleaved.
 
     python benchmarks/index_throughput.py [--clips 80] [--repeats 3] [--size 128 --seconds 3 --fps 30]
                                           [--workers 2] [--device cpu|cuda] [--torch-threads N]
+                                          [--config tiny|base] [--dtype auto|float32|bfloat16]
 
 Prints a markdown table and where the end-to-end time went (start-up until the first batch
 is encoded, encoder calls, index writes, the rest: waiting for decoded videos).
@@ -41,7 +42,6 @@ import torch  # noqa: E402
 
 from pvl_search.media.decode_pool import DecodePool  # noqa: E402
 from pvl_search.media.sample_files import write_video
-from pvl_search.media.windows import Windows  # noqa: E402
 from pvl_search.model.checkpoint import save_model  # noqa: E402
 from pvl_search.model.config import preset  # noqa: E402
 from pvl_search.model.perceiver import PerceiverVL  # noqa: E402
@@ -74,7 +74,11 @@ def make_clips(folder: Path, count: int, size: int, seconds: float, fps: int) ->
 def decode_alone(files: list[Path], runner: ModelRunner, options: IndexOptions) -> tuple[float, list]:
     """(seconds, decoded videos) through the pool, as build_index submits the jobs."""
     config = runner.config
-    windows = Windows(options.window_s, options.stride_s)
+    from indexer.ingest.window_choice import choose_windows
+
+    # The windows build_index would choose for a new index with this model (options may leave them open).
+    windows = choose_windows(options.window_s, options.stride_s, recorded=None, holds_videos=False,
+                             clip_s=runner.clip_s, reindex=False)
     with DecodePool(options.workers, options.timeout_s, options.backend) as pool:
         list(pool.imap([(0, str(files[0]), windows, config.frames, config.frame_size)] * options.workers))
         start = time.perf_counter()
@@ -143,6 +147,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="decoder processes")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch threads in this process")
+    parser.add_argument("--config", default="tiny", help="model preset (random weights)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     args = parser.parse_args()
     from indexer.encoding import ModelRunner
     from indexer.ingest.pipeline import IndexOptions
@@ -154,8 +160,8 @@ def main() -> None:
         tmp_path = Path(tmp)
         files = make_clips(tmp_path / "clips", args.clips, args.size, args.seconds, args.fps)
         torch.manual_seed(0)
-        save_model(PerceiverVL(preset("tiny")), tmp_path / "model")
-        runner = ModelRunner.from_folder(tmp_path / "model", device=args.device)
+        save_model(PerceiverVL(preset(args.config)), tmp_path / "model")
+        runner = ModelRunner.from_folder(tmp_path / "model", device=args.device, dtype=args.dtype)
         end_to_end(files[:4], runner, options, tmp_path / "warm-up")  # forkserver, first calls
 
         times: dict[str, list[float]] = {"decode": [], "encode": [], "end": []}

@@ -7,11 +7,13 @@ as clips of files not yet finished are decoded and encoded (the progress bar).""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from indexer.encoding import EncodedClips, ModelRunner
 from indexer.ingest.options import IndexOptions
@@ -90,18 +92,59 @@ def _encode_batches(
         while waiting and waiting[0].encoded == len(waiting[0].decoded.clips):
             yield waiting.pop(0)
 
-    for video in videos:
+    threads = _EncoderThreads(runner)
+    for video in threads.timed(videos):
         if not isinstance(video, _Pending):
             yield video
             continue
         waiting.append(video)
         queue.extend((video, i) for i in range(len(video.decoded.clips)))
         while len(queue) >= options.batch_size:
+            began = time.perf_counter()
             yield from run_batch()
+            threads.encoded(time.perf_counter() - began)
         yield from finished()
     while queue:
         yield from run_batch()
     yield from finished()
+
+
+class _EncoderThreads:
+    """Torch threads on a CPU: build_index leaves cores to the decoder processes (torch threads
+    spin on OpenMP barriers while a decoder holds their core), which is right while decoding
+    keeps up with encoding. Once the encoder is measured to be the bottleneck, waiting for
+    decoded videos under a tenth of its encoding time over the first batches, the decoders
+    are mostly idle and it takes every core: a base model indexed 1.9x faster on 2 cores, a
+    tiny one (decode-bound) is left as it was (BENCHMARKS.md, "Indexing threads")."""
+
+    BATCHES = 2  # batches measured before deciding
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.cores = os.cpu_count() or 1
+        self.deciding = runner.device.type == "cpu" and torch.get_num_threads() < self.cores
+        self.waited = self.encoding = 0.0
+        self.batches = 0
+
+    def timed(self, videos: Iterator[_Pending | FailedVideo | Underway]) -> Iterator:
+        """`videos`, with the time spent waiting for each counted."""
+        while True:
+            began = time.perf_counter()
+            try:
+                video = next(videos)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - began
+            yield video
+
+    def encoded(self, seconds: float) -> None:
+        if not self.deciding:
+            return
+        self.encoding += seconds
+        self.batches += 1
+        if self.batches >= self.BATCHES:
+            self.deciding = False
+            if self.waited < 0.1 * self.encoding:
+                torch.set_num_threads(self.cores)  # build_index restores its own count at the end
 
 
 def _rows(encoded: EncodedClips, row: int) -> EncodedClips:
