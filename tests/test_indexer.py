@@ -342,3 +342,26 @@ def test_sigkill_mid_run_loses_nothing_committed(db_url: str, tmp_path: Path, mo
     with IndexReader(folder, db_url) as store:
         np.testing.assert_array_equal(store.embeddings(ids), kept[0])
         np.testing.assert_array_equal(store.rerank_states(ids), kept[1])
+
+
+def test_the_encoder_takes_every_core_only_when_it_is_the_bottleneck(runner: ModelRunner) -> None:
+    """The rule of local_producer._EncoderThreads, fed measured seconds directly: waiting for
+    decoded videos under a tenth of the encoding time over the first batches gives torch every
+    core; more waiting (decode-bound) leaves the count build_index set."""
+    from indexer.ingest.local_producer import _EncoderThreads
+
+    cores, before = os.cpu_count() or 1, torch.get_num_threads()
+    if cores < 2:
+        pytest.skip("one core: there is no second one to give")
+    try:
+        for waited, expected in ((0.5, 1), (0.05, cores)):
+            torch.set_num_threads(1)  # what build_index sets on 2 cores with 2 decoder workers
+            threads = _EncoderThreads(runner)
+            threads.waited = waited
+            for _ in range(_EncoderThreads.BATCHES):
+                threads.encoded(1.0)
+            assert torch.get_num_threads() == expected, (waited, torch.get_num_threads())
+            threads.encoded(100.0)  # decided once: later batches change nothing
+            assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
