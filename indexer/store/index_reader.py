@@ -32,6 +32,7 @@ from indexer.store.database import Database, alembic_config, current_revisions, 
 from indexer.store.records import EMBEDDINGS_FILE, LATENTS_FILE, RERANK_FILE, SegmentInfo, VideoSegments, layout_of
 from indexer.store.row_store import RowStore
 from indexer.store.schema import IndexInfo, Segment, Video, VideoStatus
+from pvl_search.media.windows import Windows
 
 
 class IndexReader(StoreBase):
@@ -51,6 +52,14 @@ class IndexReader(StoreBase):
         if held is None or held[0] != key or len(held[1]) > self.CACHE_ENTRIES:
             held = self._caches[name] = (key, {})
         return held[1]
+
+    def windows(self) -> Windows | None:
+        """`StoreBase.windows`, read once per view: every search answer names them, and the
+        writer records them before its first segment commits, so only a new view can differ."""
+        cache = self._cache("windows", (self._uuid, self._faiss_seq, self._rows))
+        if "windows" not in cache:
+            cache["windows"] = super().windows()
+        return cache["windows"]
 
     def segments(self, ids: Any) -> dict[int, SegmentInfo]:
         """`StoreBase.segments`, answered from the rows already read while no removal committed."""
