@@ -1,6 +1,7 @@
 """pvl-search command line: the only place that parses arguments and prints. The search
-engine's commands live here (index, status, search, serve, demo); the model-research ones in
-cli_research.py; shared options in cli_common.py; how results look in cli_views.py."""
+engine's commands live here (index, status, search, serve, demo); the data ones (synth, shards)
+in cli_data.py, the model-research ones in cli_research.py; shared options in cli_common.py;
+how results look in cli_views.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+import cli_data  # noqa: F401 - registers synth and shards on the same app
 import cli_reranker  # noqa: F401 - registers train-reranker on the same app
 import cli_research  # noqa: F401 - registers the research commands on the same app
 import cli_views as views

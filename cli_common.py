@@ -13,7 +13,7 @@ from rich.console import Console, ConsoleDimensions
 from cli_help import HelpApp, HelpGroup
 
 # light imports only: torch is not imported until a model loads
-from indexer.precision import DtypeChoice
+from pvl_search.precision import DtypeChoice
 
 app = HelpApp(
     name="pvl-search",
@@ -104,10 +104,13 @@ def _domain_errors() -> tuple[type[Exception], ...]:
     from indexer.errors import IndexStoreError
     from pvl_search.media.video import VideoDecodeError
     from pvl_search.model.checkpoint import CheckpointError
+    from pvl_search.ray_connect import RayConnectError
+    from pvl_search.training.ray_train import TrainRunError
 
     # OSError: disk full, a folder that cannot be read or written: one line like the rest.
     # ImportError: an optional extra that is not installed (the message names it).
-    return (IndexStoreError, CheckpointError, VideoDecodeError, OSError, ValueError, ImportError)
+    return (IndexStoreError, CheckpointError, VideoDecodeError, RayConnectError, TrainRunError, OSError, ValueError,
+            ImportError)
 
 
 def quiet_ray_logs() -> None:

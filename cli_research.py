@@ -25,6 +25,7 @@ from cli_common import (
     console,
     err_console,
     fail,
+    quiet_ray_logs,
 )
 from pvl_search.ranking import FUSION_HELP, Fusion
 from pvl_search.training.loss_weights import LOSSES
@@ -75,74 +76,6 @@ def profile(
     console.print(note)
 
 
-@app.command()
-def synth(
-    out: Annotated[Path, typer.Argument(help="Folder to write videos/ and captions.json into.")],
-    n: Annotated[int, typer.Option("--n", help="Number of videos (groups of four hard-negative twins).")] = 2000,
-    seed: Annotated[int, typer.Option(help="Everything is deterministic from the seed.")] = 0,
-    size: Annotated[int, typer.Option(help="Frame side in pixels.")] = 64,
-    fps: Annotated[int, typer.Option(help="Frames per second.")] = 8,
-    seconds: Annotated[float, typer.Option(help="Length of each video.")] = 3.0,
-    workers: Annotated[int, typer.Option(help="Rendering processes.")] = 2,
-    heldout_seed: Annotated[int | None, typer.Option(
-        help="Hold out the (colour, shape, motion) triples of the corpus with this seed instead: a fresh test "
-             "corpus whose unseen combinations stayed out of a model's training.")] = None,
-    long: Annotated[bool, typer.Option(
-        "--long", help="The moment benchmark instead: --n long videos of --events scenes each (cut hard, "
-                       "3-4.5 s each), plus one of --long-events; one caption per event, its time span recorded "
-                       "for `eval`.")] = False,
-    events: Annotated[int, typer.Option(min=1, help="With --long: events per video.")] = 6,
-    long_events: Annotated[int, typer.Option(min=0, help="With --long: events of the one extra long video "
-                                                         "(0: none).")] = 40,
-    as_json: AsJson = False,
-) -> None:
-    """Write a synthetic video-caption benchmark: real MP4 files whose captions need motion,
-    temporal order and attribute binding to match (train / val / test splits, hard negatives,
-    held-out combinations in test). With --long, the moment benchmark: long videos whose
-    captions each describe one stretch of known start and end."""
-    from rich.progress import Progress
-
-    from pvl_search.data.synth import generate_corpus
-
-    if long:
-        _synth_long(out, n, seed, size, fps, events, long_events, as_json)
-        return
-    try:
-        with Progress(console=err_console, disable=as_json) as bar:
-            task = bar.add_task("rendering", total=n)
-            summary = generate_corpus(out, n, seed, size=size, fps=fps, seconds=seconds, workers=workers,
-                                      progress=lambda done, total: bar.update(task, completed=done, total=total),
-                                      heldout_seed=heldout_seed)
-    except ValueError as exc:
-        raise fail(str(exc)) from None
-    if as_json:
-        print(json.dumps(summary.to_dict()))
-        return
-    console.print(views.synth_table(summary))
-    console.print(f"captions: {summary.captions_path}")
-
-
-def _synth_long(out: Path, videos: int, seed: int, size: int, fps: int, events: int, long_events: int,
-                as_json: bool) -> None:
-    from rich.progress import Progress
-
-    from pvl_search.data.long_synth import generate_long_corpus
-
-    try:
-        with Progress(console=err_console, disable=as_json) as bar:
-            task = bar.add_task("rendering", total=videos + (long_events > 0))
-            summary = generate_long_corpus(out, videos, events, seed, long_events=long_events, size=size, fps=fps,
-                                           progress=lambda done, total: bar.update(task, completed=done))
-    except ValueError as exc:
-        raise fail(str(exc)) from None
-    if as_json:
-        print(json.dumps(summary.to_dict()))
-        return
-    console.print(f"{summary.videos} long videos, {summary.events} events, {summary.seconds / 60:.1f} min in "
-                  f"{summary.out_dir} ({summary.bytes_on_disk / 1e6:.1f} MB)")
-    console.print(f"captions: {summary.captions_path}")
-
-
 def _with_loss_options(after: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Give a command one `--NAME` weight option per declared loss that has a help
     (loss_weights.LOSSES), placed after its parameter `after` in the signature typer reads;
@@ -165,8 +98,13 @@ def _with_loss_options(after: str) -> Callable[[Callable[..., None]], Callable[.
 @app.command()
 @_with_loss_options(after="seed")
 def train(
-    captions: Annotated[Path, typer.Option(help="Captions file (pvl-search JSON, MSR-VTT JSON or WebVid CSV).")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints last/ and best/, log.jsonl, run.json.")],
+    captions: Annotated[Path | None, typer.Option(
+        help="Captions file (pvl-search JSON, MSR-VTT JSON or CSV); its videos are decoded once into a frame "
+             "cache. Give this or --shards.")] = None,
+    shards: Annotated[Path | None, typer.Option(
+        help="Shard folder written by `pvl-search shards` (streamed; trains on its train split, validates on its "
+             "val split). Needed for --workers above 1.")] = None,
     config: Annotated[str, typer.Option(help="Model preset: tiny or base.")] = "tiny",
     text_mixer_layers: Annotated[int | None, typer.Option(
         help="Self-attention layers over the text tokens before the latents read them (binds a word to its "
@@ -221,6 +159,33 @@ def train(
              "pass the options it was started with (a changed one is refused).")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,
     limit: Annotated[int | None, typer.Option(help="Use at most this many videos per split.")] = None,
+    workers: Annotated[int, typer.Option(
+        help="With --shards: data-parallel workers on Ray Train (--batch-size is per worker; the contrastive losses "
+             "see every worker's batch). 1 = this process.", min=1)] = 1,
+    ray: Annotated[str, typer.Option(
+        help="With --workers above 1: local (start Ray here), auto (the running cluster) or ray://HOST:PORT. "
+             "Every node must see --shards and --out at the same paths.")] = "local",
+    gpus_per_worker: Annotated[float, typer.Option(
+        help="With --workers: each worker's share of a GPU (> 0 trains on GPUs over NCCL; 0 = CPU over gloo).",
+        min=0)] = 0.0,
+    accumulate: Annotated[int, typer.Option(
+        help="With --shards: micro-batches per optimizer step (gradient accumulation; in-batch negatives stay "
+             "per micro-batch).", min=1)] = 1,
+    lr_batch: Annotated[int | None, typer.Option(
+        help="With --shards: the global batch --lr is meant for; the rate scales linearly with workers x "
+             "--batch-size x --accumulate over it. Default: --batch-size (so N workers scale it N times).",
+        min=1)] = None,
+    precision: Annotated[str, typer.Option(
+        help="With --shards: auto (bf16 autocast on GPUs and on CPUs with native bf16, else float32), float32 or "
+             "bfloat16.")] = "auto",
+    loader_workers: Annotated[int, typer.Option(
+        help="With --shards: data-loader processes per worker.", min=0)] = 2,
+    shuffle_buffer: Annotated[int, typer.Option(
+        help="With --shards: samples each loader shuffles together (beside a fresh shard order each epoch); "
+             "memory grows with it.", min=0)] = 256,
+    max_failures: Annotated[int, typer.Option(
+        help="With --workers: restarts after a worker or node dies (each resumes from the last checkpoint).",
+        min=0)] = 3,
     device: Device = None,
     as_json: AsJson = False,
     **loss_weights: float,
@@ -236,6 +201,10 @@ def train(
     from pvl_search.training.loss_weights import LossWeights
     from pvl_search.training.recipe import StreamOptions, corpus_seed, train_from_captions
 
+    if (captions is None) == (shards is None):
+        raise fail("give either --captions (a captions file) or --shards (a folder from `pvl-search shards`)")
+    if shards is None and (workers > 1 or accumulate > 1 or lr_batch is not None or precision != "auto"):
+        raise fail("--workers, --accumulate, --lr-batch and --precision need --shards (see docs/train.md)")
     try:
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup, seed=seed,
                           checkpoint_every=checkpoint_every, device=str(pick_device(device)),
@@ -263,7 +232,22 @@ def train(
                     if "val_multi" in event:
                         bar.console.print(f"epoch {event['epoch'] + 1}: {views.validation_line(event)}")
 
-            summary = train_from_captions(captions, out, model_config, cfg, init=init, train_only=train_only,
+            if shards is not None:
+                from pvl_search.training.ray_train import RayTrainOptions
+                from pvl_search.training.shard_loop import ShardTrainOptions
+                from pvl_search.training.shard_recipe import train_from_shards
+
+                options = ShardTrainOptions(loader_workers=loader_workers, shuffle_buffer=shuffle_buffer,
+                                            accumulate=accumulate, lr_batch=lr_batch, precision=precision)
+                bar.update(cache_task, visible=False)
+                if workers > 1:
+                    quiet_ray_logs()
+                summary = train_from_shards(shards, out, model_config, cfg, options, init=init,
+                                            train_only=train_only, resume=resume, progress=on_step,
+                                            ray=RayTrainOptions(ray, workers, gpus_per_worker, max_failures)
+                                            if workers > 1 else None)
+            else:
+                summary = train_from_captions(captions, out, model_config, cfg, init=init, train_only=train_only,
                                           resume=resume, limit=limit, progress=on_step, cache_progress=on_cache,
                                           stream=None if stream_seed is None else StreamOptions(
                                               stream_seed, corpus_seed(captions), stream_groups, stream_passes))

@@ -55,7 +55,6 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from indexer.paths import relative_shown
-from indexer.precision import DtypeChoice
 from indexer.search.batching import BATCH_WINDOW_S, MAX_BATCH, QueryBatcher
 from indexer.search.request import (
     DEFAULT_K,
@@ -71,6 +70,7 @@ from indexer.search.request import (
 from indexer.search.searcher import Searcher, SearchResult
 from indexer.search.state import QUERY_CACHE
 from indexer.store.media_files import thumbnail_file, video_file
+from pvl_search.precision import DtypeChoice
 from pvl_search.ranking import FUSION_HELP
 from pvl_web import PAGE, PAGE_CSP, STATIC_DIR
 from pvl_web.auth import TokenGate, check_token, is_loopback
@@ -284,7 +284,7 @@ def serve(
     interrupted (SIGINT / SIGTERM). `on_ready(url)` is called once requests are accepted.
     Any address but loopback needs a `token`, which every request must then carry.
     `docs` (/docs, /redoc): None serves them on loopback only. `path_root`, `batch_window_s`,
-    `max_batch`: see create_app. `dtype`: what the model runs in (indexer/precision.py);
+    `max_batch`: see create_app. `dtype`: what the model runs in (pvl_search/precision.py);
     `query_cache`: query encodings kept for repeated texts. A request's Host must be a loopback
     name, `host` or one of `allowed_hosts`, else 403 (pvl_web.hosts: the whole rule).
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from indexer.precision import DtypeChoice, choose_dtype, dtype_name
 from pvl_search.media.video import to_model_input
 from pvl_search.model.checkpoint import load_clip_seconds, load_model, load_search_defaults, weights_fingerprint
 from pvl_search.model.defaults import DEFAULT_MODEL_DIR, pick_device
 from pvl_search.model.joint_reranker import JointReranker, load_reranker
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
+from pvl_search.precision import DtypeChoice, choose_dtype, dtype_name
 
 log = logging.getLogger("pvl_search.encoding")
 

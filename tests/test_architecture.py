@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pvl_search", "indexer", "migrations", "pvl_web")
-TOP_MODULES = ("cli", "cli_common", "cli_help", "cli_reranker", "cli_research", "cli_views", "server")
+TOP_MODULES = ("cli", "cli_common", "cli_data", "cli_help", "cli_reranker", "cli_research", "cli_views", "server")
 MAX_MODULE_LINES = 400
 
 

@@ -142,3 +142,15 @@ def test_missing_file_bad_encoding_and_bad_split_argument(tmp_path: Path) -> Non
         load_captions(tmp_path / "absent.json", default_split="dev")
     with pytest.raises(ValueError, match="split 'dev'"):
         write_captions(tmp_path / "c.json", [CaptionRecord("v", tmp_path / "v.mp4", "dev", [], {})])
+
+
+def test_msrvtt_video_caption_csv(tmp_path: Path) -> None:
+    """MSR-VTT's plain `video,caption` CSV: the `video` column is the id, files found under video/."""
+    touch(tmp_path / "video" / "video7010.mp4")
+    touch(tmp_path / "video" / "video7011.mp4")
+    (tmp_path / "msrvtt.csv").write_text(
+        "video,caption\nvideo7010,a man is talking\nvideo7011,a dog runs\nvideo7010,someone speaks\n")
+    first, second = load_captions(tmp_path / "msrvtt.csv", check_files=True)
+    assert (first.video_id, first.captions, first.meta) == ("video7010", ["a man is talking", "someone speaks"], {})
+    assert first.path == tmp_path / "video" / "video7010.mp4" and first.split == "test"
+    assert second.path == tmp_path / "video" / "video7011.mp4"

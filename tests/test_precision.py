@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from indexer.encoding import ModelRunner
-from indexer.precision import DTYPE_CHOICES, choose_dtype, cpu_flags, native_bf16_cpu
 from pvl_search.model.config import preset
 from pvl_search.model.perceiver import PerceiverVL
+from pvl_search.precision import DTYPE_CHOICES, choose_dtype, cpu_flags, native_bf16_cpu
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a cuda device object needs no GPU
 

@@ -54,7 +54,7 @@ class IndexSummary:
     failed: dict[str, str] = field(default_factory=dict)  # path (as shown) -> reason
     seconds: float = 0.0
     thumbnails_added: int = 0  # thumbnails made for segments indexed without them
-    dtype: str = "float32"  # what the model ran in (indexer/precision.py)
+    dtype: str = "float32"  # what the model ran in (pvl_search/precision.py)
     decoder_messages: int = 0  # lines the decoders (FFmpeg, decord) wrote to stderr, in decoder_log
     decoder_log: str | None = None  # where they are (the index folder's decoder.log), when any
     windows: dict | None = None  # what videos were cut into: {"window_s", "stride_s"}

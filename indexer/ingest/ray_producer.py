@@ -19,11 +19,9 @@ per SQL transaction: SQL stays the source of truth and the vectors derived, as i
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import uuid
-import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +33,8 @@ import numpy as np
 from indexer.errors import IndexStoreError
 from indexer.ingest.options import IndexOptions
 from indexer.ingest.produced import EncodedVideo, FailedVideo, Produced
+from pvl_search import ray_connect
+from pvl_search.ray_connect import RayConnectError
 
 if TYPE_CHECKING:
     from indexer.encoding import ModelRunner
@@ -55,10 +55,9 @@ class RayOptions:
 
 def _import_ray() -> Any:
     try:
-        import ray
-    except ImportError:
-        raise IndexStoreError("--ray needs the cluster extra: pip install 'pvl-search[cluster]'") from None
-    return ray
+        return ray_connect._import_ray()
+    except RayConnectError as error:
+        raise IndexStoreError(str(error)) from None
 
 
 @dataclass
@@ -150,82 +149,14 @@ class Encoder:
         return out
 
 
-RAY_CONNECT_TIMEOUT_S = 10.0  # ray://: the client port must accept a TCP connection within this
-
-
 def connect(address: str, workers: int, gpus_per_worker: float) -> bool:
     """Join (or, for "local", start) Ray unless this process already did; True when this
-    call started it (and so must shut it down). Every failure is one IndexStoreError line."""
-    ray = _import_ray()
-    if ray.is_initialized():
-        return False
-    if address == "local":
-        _start_local(ray, workers, gpus_per_worker)
-    elif address == "auto":
-        try:
-            ray.init(address="auto", log_to_driver=False, configure_logging=False)
-        except ConnectionError as error:
-            if "Could not find any running Ray instance" in str(error):  # Ray's advice names its own CLI flags
-                raise IndexStoreError("no Ray cluster found for --ray auto; start one with `ray start --head` "
-                                      "or use --ray local") from None
-            raise IndexStoreError(f"cannot join the Ray cluster for --ray auto: {_first_line(error)}") from None
-    elif address.startswith("ray://"):
-        _join_client(ray, address)
-    else:
-        raise ValueError(f"--ray must be local, auto or ray://HOST:PORT, not {address!r}")
-    return True
-
-
-def _start_local(ray: Any, workers: int, gpus_per_worker: float) -> None:
-    """Start a private Ray here, trying twice: on a loaded machine its node can miss Ray's
-    fixed 30 s startup wait once and start the next time."""
-    for attempt in (1, 2):
-        try:
-            # Few resources and a small object store: results are streamed and written at once.
-            ray.init(num_cpus=workers, num_gpus=int(np.ceil(workers * gpus_per_worker)) or None,
-                     include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False,
-                     configure_logging=False)
-            return
-        except Exception as error:  # noqa: BLE001 - Ray raises a bare Exception when its node times out
-            with contextlib.suppress(Exception):
-                ray.shutdown()
-            if attempt == 2:
-                raise IndexStoreError(f"Ray did not start for --ray local ({_first_line(error)}); "
-                                      f"Ray's logs: {_local_logs()}") from None
-
-
-def _local_logs() -> str:
-    """The log folder of the Ray session started last on this machine."""
+    call started it (and so must shut it down). Every failure is one IndexStoreError line
+    (pvl_search/ray_connect.py says them; a malformed address stays a ValueError)."""
     try:
-        from ray._common.utils import get_default_ray_temp_dir  # private, hence the fallback
-        temp = get_default_ray_temp_dir()
-    except Exception:  # noqa: BLE001
-        temp = os.path.join(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray")
-    return os.path.join(os.path.realpath(os.path.join(temp, "session_latest")), "logs")
-
-
-def _join_client(ray: Any, address: str) -> None:
-    """Connect to a Ray client server. The port is tried first: Ray alone retries a dead
-    address for about 30 s and then says "ray client connection timeout" without naming it."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"--ray must be local, auto or ray://HOST:PORT, not {address!r}")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
-    except OSError as error:
-        reason = "timed out" if isinstance(error, TimeoutError) else (error.strerror or str(error))
-        raise IndexStoreError(f"cannot reach the Ray cluster at {address} ({reason})") from None
-    with warnings.catch_warnings():  # Ray's UserWarning about client ports repeats the error in two lines
-        warnings.filterwarnings("ignore", module=r"ray\.")
-        try:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-        except ConnectionError as error:
-            raise IndexStoreError(f"cannot connect to the Ray cluster at {address} ({_first_line(error)})") from None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+        return ray_connect.connect(address, workers, gpus_per_worker)
+    except RayConnectError as error:
+        raise IndexStoreError(str(error)) from None
 
 
 def _start_actors(ray: Any, runner: ModelRunner, options: IndexOptions) -> list[Any]:

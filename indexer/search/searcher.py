@@ -16,7 +16,6 @@ import numpy as np
 from indexer.encoding import ModelRunner
 from indexer.errors import IndexReplacedError, NotFoundError
 from indexer.paths import shown
-from indexer.precision import DtypeChoice
 from indexer.search.moments import find_moments, timeline
 from indexer.search.request import (
     DEFAULT_K,
@@ -33,6 +32,7 @@ from indexer.search.single_stream import read_segment_clip, single_stream_scores
 from indexer.search.state import QUERY_CACHE, EncodedQuery, QueryCache, SharedLock
 from indexer.store.index_reader import IndexReader
 from indexer.store.records import SegmentInfo
+from pvl_search.precision import DtypeChoice
 from pvl_search.ranking import Fusion, best_segment_ranking, fuse, segment_keys
 
 

@@ -6,7 +6,8 @@
 - MSR-VTT JSON: {"videos": [{"video_id", "split", ...}], "sentences": [{"video_id", "caption"}]}; the video
   files are looked up next to the JSON (video/<id>.mp4 and the other usual folders).
 - CSV with a header: WebVid (videoid, name, page_dir), or a simple caption file (path, caption) or
-  (video_id, caption|sentence). Several rows for one video give one record with several captions.
+  (video_id|video, caption|sentence), e.g. MSR-VTT's `video,caption`. Several rows for one video
+  give one record with several captions.
 
 Every problem with a file is a ValueError whose message starts with the file's path, so the CLI
 can show it as one line.
@@ -29,7 +30,7 @@ _VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
 # Where MSR-VTT-style downloads keep their videos, relative to the caption file.
 _VIDEO_DIRS = ("video", "videos", "videos/all", "TrainValVideo", "TestVideo", "MSRVTT/videos/all", "all", ".")
 _CAPTION_COLUMNS = ("caption", "name", "sentence", "text")
-_ID_COLUMNS = ("video_id", "videoid")
+_ID_COLUMNS = ("video_id", "videoid", "video")  # "video": MSR-VTT's video,caption CSV
 
 
 @dataclass
@@ -192,7 +193,7 @@ def _load_csv(path: Path, default_split: str) -> list[CaptionRecord]:
     path_col, page_col, split_col = columns.get("path"), columns.get("page_dir"), columns.get("split")
     if caption_col is None or (id_col is None and path_col is None):
         raise ValueError(f"{path}: CSV header needs a caption column ({', '.join(_CAPTION_COLUMNS)}) and "
-                         f"'path' or 'videoid'/'video_id'; found {sorted(columns)}")
+                         f"'path' or 'videoid'/'video_id'/'video'; found {sorted(columns)}")
     finder = _VideoFinder(path.parent)
     records: dict[str, CaptionRecord] = {}
     for line, row in enumerate(rows, start=2):

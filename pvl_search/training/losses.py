@@ -9,7 +9,7 @@ Each loss and its weight is declared once, in loss_weights.py (LossWeights, LOSS
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -118,8 +118,14 @@ def compute_losses(
     attribute_labels: Tensor | None = None,
     heads: AttributeHeads | None = None,
     token_labels: Tensor | None = None,
+    gather: Callable[[Tensor], Tensor] | None = None,
 ) -> LossOutput:
     """All objectives on one batch of B matching (video, caption) pairs.
+
+    `gather` (data-parallel training, pvl_search.training.collective): concatenates a tensor's
+    rows from every worker, with gradients. The in-batch losses (contrastive, the listwise mixed
+    loss, the latent reranker's) then run over every worker's pairs, as one process with the
+    whole global batch would; the VTM pairs and the per-sample losses stay per worker.
 
     `groups` (B,) ints: videos of one group (e.g. hard-negative twins) are left out of each
     other's multi-stream contrastive loss and stay negatives for the VTM and mixed losses,
@@ -141,14 +147,19 @@ def compute_losses(
     parts: dict[str, Tensor] = {}
     total = torch.zeros((), device=token_ids.device)
     logits = model.multi_stream_logits(video.embedding, text.embedding)  # temperature-scaled
+    everyone = gather or (lambda t: t)
     if weights.contrastive:
         same_group = None if groups is None else groups[:, None] == groups[None, :]
-        parts["contrastive"] = contrastive_loss(logits, ignore=same_group)
+        if gather is not None and groups is not None:
+            raise ValueError("group-aware contrastive loss is per process; it does not combine with a gather")
+        all_logits = logits if gather is None else model.multi_stream_logits(everyone(video.embedding),
+                                                                              everyone(text.embedding))
+        parts["contrastive"] = contrastive_loss(all_logits, ignore=same_group)
     neg_video, neg_text = hard_negatives(logits)
     pairs = vtm_pairs(b, neg_video, neg_text)
-    parts |= _mixed_losses(model, video, text, pairs, weights, bank, rows, mined)
+    parts |= _mixed_losses(model, video, text, pairs, weights, bank, rows, mined, everyone)
     if weights.latent_nce:
-        parts["latent_nce"] = contrastive_loss(model.latent_scores(text.latents, video.latents))
+        parts["latent_nce"] = contrastive_loss(model.latent_scores(everyone(text.latents), everyone(video.latents)))
     if weights.single_vtm:
         parts["single_vtm"] = _single_vtm_loss(model, frames, frame_mask, token_ids, pairs)
     if weights.mlm:
@@ -171,8 +182,10 @@ def _mixed_losses(
     bank: NegativeBank | None,
     rows: Tensor | None,
     mined: int,
+    everyone: Callable[[Tensor], Tensor],
 ) -> dict[str, Tensor]:
-    """The weighted mixed-stream losses: VTM on the `vtm_pairs`, and the listwise loss."""
+    """The weighted mixed-stream losses: VTM on the `vtm_pairs` (this worker's), and the listwise
+    loss (over `everyone`'s states: every worker's pairs)."""
     parts: dict[str, Tensor] = {}
     if weights.mixed_vtm or weights.mixed_nce:  # both mixed losses read the same states
         video_states, text_states = model.rerank_state(video.latents), model.rerank_state(text.latents)
@@ -181,7 +194,8 @@ def _mixed_losses(
         vtm = model.mixed_scores(text_states[texts], video_states[videos][:, None])[:, 0]  # (3B,)
         parts["mixed_vtm"] = F.binary_cross_entropy_with_logits(vtm, labels)
     if weights.mixed_nce:
-        parts["mixed_nce"] = mixed_listwise_loss(model, video, text, video_states, text_states, bank, rows, mined)
+        parts["mixed_nce"] = mixed_listwise_loss(model, video, text, everyone(video_states), everyone(text_states),
+                                                 bank, rows, mined)
     return parts
 
 

@@ -116,7 +116,7 @@ def train_from_captions(
     clip = training_clip_seconds(captions_path, stream)
     if clip is not None:  # so the best weights tell `index` what windows fit them
         save_clip_seconds(out / "best", *clip)
-    model, trainable = _initial_model(config, cfg, init, train_only)
+    model, trainable = initial_model(config, cfg, init, train_only)
     result: TrainResult = train(
         model, datasets["train"], datasets["val"], cfg, out, resume=resume, trainable=trainable, progress=progress
     )
@@ -139,7 +139,7 @@ def training_clip_seconds(captions_path: str | Path, stream: StreamOptions | Non
         return None
 
 
-def _initial_model(
+def initial_model(
     config: ModelConfig, cfg: TrainConfig, init: str | None, train_only: str
 ) -> tuple[PerceiverVL, list[torch.nn.Parameter] | None]:
     """The model to train (fresh, from CLIP or from an own checkpoint), and the parameters to

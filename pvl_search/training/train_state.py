@@ -1,13 +1,16 @@
 """The training state a resumed run needs beside the model: optimizer moments and counters,
 the attribute heads and the negative bank, all as safetensors (resuming never unpickles).
 
-Each file is written to `name.tmp` and renamed, so a crash never leaves a half-written one.
+A checkpoint folder is written whole beside the old one and swapped in by two renames
+(`write_checkpoint`), so a crash at any point leaves either the old or the new checkpoint,
+never weights of one step with the optimizer state of another.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -25,7 +28,20 @@ HEADS_FILE = "attribute_heads.safetensors"
 
 def has_checkpoint(out: Path) -> bool:
     """Whether the run folder `out` holds a resumable checkpoint (`out/last` with its training state)."""
+    settle_checkpoint(out / "last")
     return (out / "last" / TRAIN_STATE_FILE).exists()
+
+
+def _beside(folder: Path, tag: str) -> Path:
+    return folder.with_name(f"{folder.name}.{tag}")
+
+
+def settle_checkpoint(folder: Path) -> None:
+    """Finish a swap that a crash interrupted: with `folder` gone, the previous checkpoint
+    (renamed aside first) takes its place again."""
+    previous = _beside(folder, "previous")
+    if not folder.exists() and previous.exists():
+        os.replace(previous, folder)
 
 
 def check_resumable(out: Path) -> None:
@@ -93,6 +109,10 @@ def write_checkpoint(
     model: PerceiverVL, folder: Path, optimizer: torch.optim.Optimizer, meta: dict, bank: NegativeBank | None,
     heads: AttributeHeads | None = None,
 ) -> None:
+    """The resumable checkpoint `folder`: written whole into FOLDER.partial, then swapped in."""
+    settle_checkpoint(folder)
+    final, folder = folder, _beside(folder, "partial")
+    shutil.rmtree(folder, ignore_errors=True)
     save_model(model, folder)
     if heads is not None:  # training-only weights: part of the state a resume needs
         tmp = folder / (HEADS_FILE + ".tmp")
@@ -103,6 +123,12 @@ def write_checkpoint(
         save_file({k: v.contiguous() for k, v in bank.state_dict().items()}, str(tmp))
         os.replace(tmp, folder / BANK_FILE)
     save_train_state(folder, optimizer, meta)
+    previous = _beside(final, "previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if final.exists():
+        os.replace(final, previous)
+    os.replace(folder, final)  # a crash before this line: settle_checkpoint restores `previous`
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def restore_checkpoint(
@@ -110,6 +136,7 @@ def restore_checkpoint(
     heads: AttributeHeads | None,
 ) -> dict:
     """Load what `write_checkpoint` wrote into the live objects; returns its counters."""
+    settle_checkpoint(folder)
     load_state(model, read_safetensors(folder / WEIGHTS_FILE)[0], source=str(folder))
     if bank is not None and (folder / BANK_FILE).exists():
         bank.load_state_dict(read_safetensors(folder / BANK_FILE)[0])
