@@ -47,7 +47,10 @@ def index(
         help="Segment length in seconds; shorter videos are one segment. Default: what the index records, else "
              "the clip length the model was trained on (3 s for the shipped one).")] = None,
     stride: Annotated[float | None, typer.Option(
-        help="Seconds between segment starts (at most). Default: the index's, else 0.43 x the window.")] = None,
+        help="Seconds between segment starts (at most). Default: the index's, else 2/3 of the window.")] = None,
+    shots: Annotated[bool | None, typer.Option("--shots/--no-shots",
+        help="Also one segment per shot, cut where the video cuts (moments start where events start). Default: "
+             "the index's choice, else yes with the model's own windows.")] = None,
     reindex: Annotated[bool, typer.Option(
         help="Cut and encode every video again, changed or not: to move an index to other windows (or, with no "
              "--window, to the model's own).")] = False,
@@ -110,7 +113,7 @@ def index(
         ray_options = None if ray is None else RayOptions(ray, ray_workers, ray_gpus_per_worker,
                                                           model_dir=str(model.resolve()) if model else None,
                                                           dtype=dtype)
-        options = IndexOptions(window_s=window, stride_s=stride, reindex=reindex, batch_size=batch_size,
+        options = IndexOptions(window_s=window, stride_s=stride, shots=shots, reindex=reindex, batch_size=batch_size,
                                workers=workers,
                                timeout_s=timeout, backend=decoder, store_latents=store_latents,
                                faiss_factory=faiss_factory, retry_failed=retry_failed, thumbnails=thumbnails,
@@ -142,7 +145,7 @@ def index(
             f"indexed {summary.indexed} ({summary.segments} segments), unchanged {summary.unchanged}, "
             f"removed {summary.removed}, failed {len(summary.failed)} — {summary.seconds:.1f} s, {summary.dtype}"
             + (f", {summary.windows['window_s']:g} s windows every {summary.windows['stride_s']:g} s"
-               if summary.windows else "")
+               + (" and one per shot" if summary.windows.get("shots") else "") if summary.windows else "")
             + (f"; thumbnails made for {summary.thumbnails_added} older segments" if summary.thumbnails_added else "")
         )
         for path, reason in summary.failed.items():

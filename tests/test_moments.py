@@ -27,6 +27,8 @@ from indexer.store.records import VideoSegments
 from indexer.store.windows_record import WINDOWS_FILE
 from pvl_search.data.captions import load_captions
 from pvl_search.data.long_synth import generate_long_corpus, plan_long_corpus
+from pvl_search.data.synth import generate_corpus
+from pvl_search.media.shots import detect_cuts, shot_spans, with_shots
 from pvl_search.media.video import probe
 from pvl_search.media.windows import LEGACY_STRIDE_S, LEGACY_WINDOW_S, Windows, model_windows, segment_spans
 from pvl_search.model.checkpoint import CheckpointError, load_clip_seconds, save_clip_seconds
@@ -88,7 +90,13 @@ def test_windows_follow_the_model_the_index_and_the_user() -> None:
     # An index keeps its windows; one made before they were recorded keeps the old defaults.
     assert choose_windows(None, None, recorded=Windows(6, 2), holds_videos=True, **model) == Windows(6, 2)
     assert choose_windows(None, None, recorded=None, holds_videos=True, **model) == Windows(10, 5)
-    assert choose_windows(8.0, None, recorded=None, holds_videos=False, **model) == Windows(8.0, 3.44)
+    assert choose_windows(8.0, None, recorded=None, holds_videos=False, **model) == Windows(8.0, 5.333, shots=True)
+    assert choose_windows(None, None, recorded=None, holds_videos=False, shots=False, **model) == Windows(3.0, 2.0)
+    # An index cut before shot windows existed keeps its cutting; shot windows for new videos need --reindex.
+    assert choose_windows(None, None, recorded=Windows(3.0, 1.29), holds_videos=True, **model) == Windows(3.0, 1.29)
+    with pytest.raises(ValueError, match="one per shot"):
+        choose_windows(None, None, recorded=Windows(3.0, 2.0), holds_videos=True, shots=True, **model)
+    assert reindex_hint(Windows(3.0, 2.0), 3.0) and "one per shot" in reindex_hint(Windows(3.0, 2.0), 3.0)
     with pytest.raises(ValueError, match="--reindex"):
         choose_windows(8.0, None, recorded=SHIPPED, holds_videos=True, **model)
     assert choose_windows(None, None, recorded=Windows(10, 5), holds_videos=True, clip_s=3.0,
@@ -138,22 +146,46 @@ def long_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pa
     runner = ModelRunner.from_folder(DEFAULT_MODEL_DIR, device="cpu")
     with IndexStore(folder) as store:
         result = build_index([root / "corpus" / "videos"], store, runner, IndexOptions(workers=1))
-    assert result.indexed == 3 and result.windows == {"window_s": 3.0, "stride_s": 1.29}
+    assert result.indexed == 3 and result.windows == {"window_s": 3.0, "stride_s": 2.0, "shots": True}
     return folder, Path(summary.captions_path), root / "corpus" / "videos"
 
 
-def test_the_default_index_cuts_long_videos_into_the_models_windows(long_index) -> None:
+def test_the_default_index_cuts_long_videos_into_the_models_windows_and_shots(long_index) -> None:
+    """The model's grid (3 s every 2 s) and one window per shot, cut exactly where the video
+    cuts: the events' own spans."""
     folder, captions, _ = long_index
-    assert json.loads((folder / WINDOWS_FILE).read_text()) == {"window_s": 3.0, "stride_s": 1.29}
+    assert json.loads((folder / WINDOWS_FILE).read_text()) == {"window_s": 3.0, "stride_s": 2.0, "shots": True}
     with IndexReader(folder) as reader:
-        per_video = reader.video_segments(range(1, 4))
-        for record in load_captions(captions):
-            duration = record.meta["moments"][-1][1]
-            spans = segment_spans(duration, 3.0, 1.29)
-            matching = [s for s in per_video.values() if len(s.ids) == len(spans)]
-            assert matching and np.allclose(matching[0].ends - matching[0].starts, 3.0)
+        segments = reader.video_segments(range(1, 4))
+        cut = sorted((tuple(np.round(s.starts, 3)), tuple(np.round(s.ends, 3))) for s in segments.values())
+    expected = []
+    for record in load_captions(captions):
+        events = record.meta["moments"]
+        duration = probe(record.path).duration
+        spans = with_shots(segment_spans(duration, 3.0, 2.0), shot_spans([e[0] for e in events[1:]], duration, 3.0))
+        expected.append((tuple(np.round([a for a, _ in spans], 3)), tuple(np.round([b for _, b in spans], 3))))
+        assert all(tuple(e) in spans for e in events)  # each event is a segment of its own
+    assert cut == sorted(expected)
     status = json.loads(cli("status", "--index", str(folder), "--json").stdout)
-    assert status["windows"] == {"window_s": 3.0, "stride_s": 1.29}
+    assert status["windows"] == {"window_s": 3.0, "stride_s": 2.0, "shots": True}
+
+
+def test_cuts_are_found_where_a_video_cuts_and_nowhere_else(tmp_path: Path) -> None:
+    summary = generate_long_corpus(tmp_path / "long", 1, 6, seed=9)
+    record = load_captions(summary.captions_path)[0]
+    starts = [start for start, _ in record.meta["moments"][1:]]
+    assert detect_cuts(record.path) == pytest.approx(starts, abs=1 / 8)  # within a frame at 8 fps
+    generate_corpus(tmp_path / "clips", 2, seed=3, size=64, fps=8, seconds=3.0, workers=1)
+    for clip in load_captions(tmp_path / "clips" / "captions.json"):
+        assert detect_cuts(clip.path) == []  # one scene, objects moving: no cut
+
+
+def test_shot_windows_cover_each_shot_once() -> None:
+    cuts = [3.5, 8.0, 8.6, 20.0]
+    assert shot_spans(cuts, 24.0, 3.0) == [(0.0, 3.5), (3.5, 8.0), (8.6, 11.6), (17.0, 20.0), (20.0, 24.0)]
+    assert shot_spans([], 24.0, 3.0) == [] and shot_spans([0.0, 24.0], 24.0, 3.0) == []  # no cut inside
+    grid = [(0.0, 3.0), (2.0, 5.0)]
+    assert with_shots(grid, [(0.01, 3.02), (3.5, 8.0), (1.0, 2.0)]) == [(0.0, 3.0), (1.0, 2.0), (2.0, 5.0), (3.5, 8.0)]
 
 
 def test_search_finds_the_moment_of_each_event(long_index) -> None:
@@ -191,7 +223,8 @@ def test_other_windows_need_reindex_and_an_old_index_still_searches(long_index, 
     _, captions, videos = long_index
     folder = tmp_path / "old"
     # An index as made before windows followed the model: 10 s windows, no windows record.
-    done = cli("index", str(videos), "--index", str(folder), "--window", "10", "--stride", "5", "--json")
+    done = cli("index", str(videos), "--index", str(folder), "--window", "10", "--stride", "5", "--no-shots",
+               "--json")
     assert done.returncode == 0, done.stderr
     (folder / WINDOWS_FILE).unlink()
     query = load_captions(captions)[0].captions[0]
@@ -208,7 +241,7 @@ def test_other_windows_need_reindex_and_an_old_index_still_searches(long_index, 
         assert reader.windows() == SHIPPED and reader.counts()[0] == 3
         lengths = {round(float(e - s), 2) for seg in reader.video_segments(range(1, 7)).values()
                    for s, e in zip(seg.starts, seg.ends)}
-    assert lengths == {3.0}  # every video cut again; the 10 s segments are gone
+    assert max(lengths) <= 4.5  # every video cut again (grid and shots); the 10 s segments are gone
 
 
 def test_an_interrupted_reindex_goes_on_at_the_next_run(long_index, tmp_path: Path) -> None:
@@ -223,7 +256,7 @@ def test_an_interrupted_reindex_goes_on_at_the_next_run(long_index, tmp_path: Pa
 
     _, _, videos = long_index
     folder = tmp_path / "idx"
-    done = cli("index", str(videos), "--index", str(folder), "--window", "10", "--stride", "5")
+    done = cli("index", str(videos), "--index", str(folder), "--window", "10", "--stride", "5", "--no-shots")
     assert done.returncode == 0, done.stderr
     log = tmp_path / "reindex.log"
     with open(log, "wb") as err:
@@ -234,17 +267,17 @@ def test_an_interrupted_reindex_goes_on_at_the_next_run(long_index, tmp_path: Pa
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     record = json.loads((folder / WINDOWS_FILE).read_text())
-    assert record == {"window_s": 3.0, "stride_s": 1.29, "reindex_pending": True}
+    assert record == {"window_s": 3.0, "stride_s": 2.0, "shots": True, "reindex_pending": True}
 
     def lengths() -> set[float]:
         with IndexReader(folder) as reader:
             return {round(float(e - s), 2) for seg in reader.video_segments(range(1, 10)).values()
                     for s, e in zip(seg.starts, seg.ends)}
 
-    assert 3.0 not in lengths() or len(lengths()) > 1  # not every video is cut anew yet
+    assert max(lengths()) == 10.0  # not every video is cut anew yet
     rerun = cli("index", str(videos), "--index", str(folder))
     assert rerun.returncode == 0 and "interrupted" in rerun.stderr, rerun.stderr
-    assert lengths() == {3.0}
-    assert json.loads((folder / WINDOWS_FILE).read_text()) == {"window_s": 3.0, "stride_s": 1.29}
+    assert max(lengths()) <= 4.5
+    assert json.loads((folder / WINDOWS_FILE).read_text()) == {"window_s": 3.0, "stride_s": 2.0, "shots": True}
     again = cli("index", str(videos), "--index", str(folder))
     assert again.returncode == 0 and "interrupted" not in again.stderr and "indexed 0" in again.stdout

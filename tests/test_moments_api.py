@@ -2,7 +2,7 @@
 timeline, and `GET /search?like=SEGMENT_ID` searches "more like this moment".
 
 A real index, made by the real pipeline with the shipped model and the model's own windows
-(3 s every 1.29 s), of the moment benchmark's long videos (each 13+ s: many segments, several
+(3 s every 2 s, and one per shot), of the moment benchmark's long videos (each 13+ s: many segments, several
 events), behind the real app, driven in-process by Starlette's TestClient.
 """
 
@@ -66,7 +66,7 @@ def search(site: Site, **params: object) -> dict:
 
 def test_hits_carry_their_moments_and_a_timeline(site: Site) -> None:
     body = search(site, q=QUERY, k=10)
-    assert body["windows"] == {"window_s": 3.0, "stride_s": 1.29}  # the model's own
+    assert body["windows"] == {"window_s": 3.0, "stride_s": 2.0, "shots": True}  # the model's own
     assert len(body["hits"]) == 3
     for hit in body["hits"]:
         segments = site.client.get(f"/videos/{hit['video_id']}").json()["segments"]

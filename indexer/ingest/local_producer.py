@@ -46,7 +46,7 @@ def local_encoded(
 ) -> Iterator[Produced]:
     """Every planned file, decoded by `pool` and encoded by `runner`, in plan order."""
     config = runner.config
-    windows = Windows(options.window_s, options.stride_s)
+    windows = Windows(options.window_s, options.stride_s, options.shots)
     jobs = ((i, str(path), windows, config.frames, config.frame_size) for i, (path, _, _) in enumerate(todo))
     for item in _encode_batches(_decoded(pool.imap(jobs, progress=True), todo), runner, options):
         if isinstance(item, _Pending):

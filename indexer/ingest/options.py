@@ -18,6 +18,7 @@ class IndexOptions:
     # None: the rule in indexer/ingest/window_choice.py (the index's, else the model's own).
     window_s: float | None = None
     stride_s: float | None = None
+    shots: bool | None = None  # also a window per shot; None: the same rule as the windows
     reindex: bool = False  # cut and encode every video again (to move an index to other windows)
     batch_size: int = 8  # clips per encoder call
     workers: int = 2  # decoder processes
@@ -57,7 +58,7 @@ class IndexSummary:
     dtype: str = "float32"  # what the model ran in (pvl_search/precision.py)
     decoder_messages: int = 0  # lines the decoders (FFmpeg, decord) wrote to stderr, in decoder_log
     decoder_log: str | None = None  # where they are (the index folder's decoder.log), when any
-    windows: dict | None = None  # what videos were cut into: {"window_s", "stride_s"}
+    windows: dict | None = None  # what videos were cut into: {"window_s", "stride_s", "shots"}
     reindex_hint: str | None = None  # the offer to re-cut the index to the model's own windows
     continued_reindex: bool = False  # this run went on with a --reindex an earlier run left unfinished
 

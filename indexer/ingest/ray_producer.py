@@ -118,7 +118,7 @@ class Encoder:
                 continue
             try:
                 with captured_stderr() as log:  # FFmpeg's warnings, counted and logged by the writer
-                    spans, info = plan_windows(Path(path), Windows(s["window_s"], s["stride_s"]))
+                    spans, info = plan_windows(Path(path), Windows(s["window_s"], s["stride_s"], s["shots"]))
                     clips = read_clips(path, spans, config.frames, config.frame_size, backend=s["backend"])
             except VideoDecodeError as error:
                 out.append((key, "failed", error.reason))
@@ -164,7 +164,8 @@ def _start_actors(ray: Any, runner: ModelRunner, options: IndexOptions) -> list[
     fails here, once, not file by file."""
     ro = options.ray
     run_id = uuid.uuid4().hex[:8]
-    settings = {"window_s": options.window_s, "stride_s": options.stride_s, "batch_size": options.batch_size,
+    settings = {"window_s": options.window_s, "stride_s": options.stride_s, "shots": options.shots,
+                "batch_size": options.batch_size,
                 "backend": options.backend, "store_latents": bool(options.store_latents),
                 "thumbnails": options.thumbnails}
     device = "cuda" if ro.gpus_per_worker > 0 else "cpu"

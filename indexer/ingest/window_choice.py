@@ -30,27 +30,29 @@ def choose_windows(
     holds_videos: bool,
     clip_s: float | None,
     reindex: bool,
+    shots: bool | None = None,
 ) -> Windows:
     """The run's windows (see the module doc); ValueError when they would mix two cuttings."""
     if window_s is not None and window_s <= 0 or stride_s is not None and stride_s <= 0:
         raise ValueError(f"--window and --stride must be positive seconds, got {window_s}, {stride_s}")
     current = recorded or (Windows(LEGACY_WINDOW_S, LEGACY_STRIDE_S) if holds_videos else None)
-    if window_s is None and stride_s is None:
-        return model_windows(clip_s) if reindex or current is None else current
     base = model_windows(clip_s) if reindex or current is None else current
+    if window_s is None and stride_s is None and shots is None:
+        return base
     window = window_s if window_s is not None else base.window_s
     stride = stride_s if stride_s is not None else (
         round(window * STRIDE_FRACTION, 3) if window_s is not None else base.stride_s)
-    chosen = Windows(float(window), float(stride))
+    chosen = Windows(float(window), float(stride), base.shots if shots is None else shots)
     if holds_videos and not reindex and recorded is not None and chosen != recorded:
         raise ValueError(
             f"this index cuts videos into {_describe(recorded)}; {_describe(chosen)} for new videos would mix "
-            "two cuttings: add --reindex to cut every video again, or leave out --window/--stride")
+            "two cuttings: add --reindex to cut every video again, or leave out --window/--stride/--shots")
     return chosen
 
 
 def _describe(windows: Windows) -> str:
-    return f"{windows.window_s:g} s windows every {windows.stride_s:g} s"
+    shots = " and one per shot" if windows.shots else ""
+    return f"{windows.window_s:g} s windows every {windows.stride_s:g} s{shots}"
 
 
 def reindex_hint(current: Windows, clip_s: float | None) -> str | None:

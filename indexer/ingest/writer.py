@@ -44,8 +44,10 @@ class RunWriter:
         the options with the windows and `store_latents` resolved (the producers need them)."""
         store, config = self.store, runner.config
         windows = choose_windows(options.window_s, options.stride_s, recorded=store.windows(),
-                                 holds_videos=store.counts()[0] > 0, clip_s=runner.clip_s, reindex=options.reindex)
-        options = dataclasses.replace(options, window_s=windows.window_s, stride_s=windows.stride_s)
+                                 holds_videos=store.counts()[0] > 0, clip_s=runner.clip_s, reindex=options.reindex,
+                                 shots=options.shots)
+        options = dataclasses.replace(options, window_s=windows.window_s, stride_s=windows.stride_s,
+                                      shots=windows.shots)
         self._windows, self._clip_s, self._reindexing = windows, runner.clip_s, options.reindex
         keep_latents = options.store_latents
         if keep_latents is None:

@@ -35,7 +35,10 @@ def _read(directory: Path) -> dict | None:
 def read_windows(directory: Path) -> Windows | None:
     """The recorded windows; None when the index records none."""
     data = _read(directory)
-    return None if data is None else Windows(float(data["window_s"]), float(data["stride_s"]))
+    if data is None:
+        return None
+    # An index recorded before shot windows existed has none.
+    return Windows(float(data["window_s"]), float(data["stride_s"]), bool(data.get("shots", False)))
 
 
 def reindex_pending(directory: Path) -> bool:
@@ -50,7 +53,7 @@ def write_windows(directory: Path, windows: Windows, *, reindex_pending: bool = 
     old record or the new one)."""
     path = Path(directory) / WINDOWS_FILE
     tmp = path.with_name(WINDOWS_FILE + ".tmp")
-    record = {"window_s": windows.window_s, "stride_s": windows.stride_s}
+    record = {"window_s": windows.window_s, "stride_s": windows.stride_s, "shots": windows.shots}
     if reindex_pending:
         record["reindex_pending"] = True
     with open(tmp, "w") as handle:

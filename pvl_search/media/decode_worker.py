@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pvl_search.media.shots import detect_cuts, shot_spans, with_shots
 from pvl_search.media.types import Fit, Span, VideoDecodeError, VideoInfo
 from pvl_search.media.video import is_image, iter_clips, probe
 from pvl_search.media.windows import Windows, segment_spans
@@ -119,4 +120,7 @@ def plan_windows(path: Path, windows: Windows) -> tuple[list[Span] | None, Video
     info = probe(path)
     if is_image(path) or not info.duration or info.duration <= 0:
         return None, info
-    return segment_spans(info.duration, windows.window_s, windows.stride_s), info
+    spans = segment_spans(info.duration, windows.window_s, windows.stride_s)
+    if windows.shots:
+        spans = with_shots(spans, shot_spans(detect_cuts(path), info.duration, windows.window_s))
+    return spans, info
