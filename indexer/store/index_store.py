@@ -30,7 +30,7 @@ from indexer.store.records import (
     checked_rows,
     pause_point,
 )
-from indexer.store.row_store import RowStore, fsync_dir
+from indexer.store.row_store import RowStore
 from indexer.store.schema import IndexInfo, Video, VideoStatus
 from indexer.store.sql_writes import bump_rows, insert_indexed_video, record_failure, remove_video
 from indexer.store.vectors.choice import (
@@ -41,6 +41,7 @@ from indexer.store.vectors.choice import (
     vectors_path,
 )
 from indexer.store.windows_record import write_windows
+from pvl_search.durable import fsync_dir
 from pvl_search.media.windows import Windows
 
 

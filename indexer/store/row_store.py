@@ -27,20 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from indexer.errors import RowStoreError
+from pvl_search.durable import fsync_dir
 
 MAGIC = b"PVLROWS\x00"
 VERSION = 1
 HEADER_SIZE = 64
 _HEADER = struct.Struct("<8sII8s16s")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a file's creation or rename durable (the directory entry is data too)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_tag(path: str | Path) -> bytes:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.errors import IndexStoreError
-from indexer.store.row_store import fsync_dir
+from pvl_search.durable import fsync_dir
 
 SHARD = 1000  # files per folder
 SUFFIX = ".jpg"

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pvl_search.data.captions import SPLITS, CaptionRecord, load_captions
+from pvl_search.durable import fsync_dir
 from pvl_search.shards.decode_write import SIDECAR, Item, ShardPlan, write_locally, write_on_ray
 from pvl_search.shards.decode_write import ShardWriteError as ShardWriteError  # re-exported: write_shards raises it
 from pvl_search.shards.format import (
@@ -150,7 +151,7 @@ def write_shards(
         with contextlib.suppress(ValueError):  # a no-op rerun leaves manifest.json untouched
             if Manifest.read(folder).to_dict() == manifest.to_dict():
                 return _report(folder, manifest, len(todo), already_there, started)
-        _fsync_dir(folder)  # the shards' renames are on disk before a manifest names them
+        fsync_dir(folder)  # the shards' renames are on disk before a manifest names them
         manifest.write(folder)
     return _report(folder, manifest, len(todo), already_there, started)
 
@@ -275,14 +276,6 @@ def _complete(folder: Path, plan: ShardPlan, settings: dict[str, Any]) -> dict[s
 
 
 # ------------------------------------------------------------------------------- writing
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------- result

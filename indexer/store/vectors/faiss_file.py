@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 
 from indexer.errors import IndexStoreError
-from indexer.store.row_store import fsync_dir
+from pvl_search.durable import fsync_dir
 
 MAGIC = b"PVLFAISS"
 FORMAT_VERSION = 1

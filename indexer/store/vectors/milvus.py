@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from indexer.errors import IndexStoreError
-from indexer.store.row_store import fsync_dir
 from indexer.store.vectors.faiss_index import VectorIndex
+from pvl_search.durable import fsync_dir
 
 META_VERSION = 1
 MAX_LIMIT = 16_384  # Milvus' largest top-k and query page
