@@ -22,7 +22,7 @@ class RayConnectError(RuntimeError):
     """Ray is missing, or no cluster could be joined or started: one line for the user."""
 
 
-def _import_ray() -> Any:
+def import_ray() -> Any:
     try:
         import ray
     except ImportError:
@@ -34,7 +34,7 @@ def connect(address: str, workers: int, gpus_per_worker: float) -> bool:
     """Join (or, for "local", start) Ray unless this process already did; True when this
     call started it (and so must shut it down). Every failure is one RayConnectError line
     (a malformed address: ValueError)."""
-    ray = _import_ray()
+    ray = import_ray()
     if ray.is_initialized():
         return False
     if address == "local":
@@ -46,7 +46,7 @@ def connect(address: str, workers: int, gpus_per_worker: float) -> bool:
             if "Could not find any running Ray instance" in str(error):  # Ray's advice names its own CLI flags
                 raise RayConnectError("no Ray cluster found for --ray auto; start one with `ray start --head` "
                                       "or use --ray local") from None
-            raise RayConnectError(f"cannot join the Ray cluster for --ray auto: {_first_line(error)}") from None
+            raise RayConnectError(f"cannot join the Ray cluster for --ray auto: {first_line(error)}") from None
     elif address.startswith("ray://"):
         _join_client(ray, address)
     else:
@@ -68,7 +68,7 @@ def _start_local(ray: Any, workers: int, gpus_per_worker: float) -> None:
             with contextlib.suppress(Exception):
                 ray.shutdown()
             if attempt == 2:
-                raise RayConnectError(f"Ray did not start for --ray local ({_first_line(error)}); "
+                raise RayConnectError(f"Ray did not start for --ray local ({first_line(error)}); "
                                       f"Ray's logs: {_local_logs()}") from None
 
 
@@ -98,9 +98,9 @@ def _join_client(ray: Any, address: str) -> None:
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         except ConnectionError as error:
-            raise RayConnectError(f"cannot connect to the Ray cluster at {address} ({_first_line(error)})") from None
+            raise RayConnectError(f"cannot connect to the Ray cluster at {address} ({first_line(error)})") from None
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__

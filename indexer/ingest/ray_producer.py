@@ -55,7 +55,7 @@ class RayOptions:
 
 def _import_ray() -> Any:
     try:
-        return ray_connect._import_ray()
+        return ray_connect.import_ray()
     except RayConnectError as error:
         raise IndexStoreError(str(error)) from None
 

@@ -138,7 +138,7 @@ class FileReaders:
                  backend: Backend) -> None:  # fmt: skip
         self.path, self.info, self.size, self.threads, self.backend = path, info, size, threads, backend
         self.scaled = scaled_size(info.width, info.height, size, fit)
-        self.decord: _DecordReader | None = None
+        self.decord: DecordReader | None = None
         self.pyav: _PyAVReader | None = None
         self.decord_failed: VideoDecodeError | None = None
 
@@ -146,7 +146,7 @@ class FileReaders:
         if self.backend in ("auto", "decord") and self.decord_failed is None:
             try:
                 if self.decord is None:
-                    self.decord = _DecordReader(self.path, self.scaled, self.threads)
+                    self.decord = DecordReader(self.path, self.scaled, self.threads)
                 return _pack(self.decord.read(span, num_frames), num_frames, self.size)
             except VideoDecodeError as error:
                 if self.backend == "decord":
@@ -167,7 +167,7 @@ class FileReaders:
         self.decord = None
 
 
-class _DecordReader:
+class DecordReader:
     """decord with output scaling done by its own ffmpeg filter (cheaper than numpy).
 
     decord 0.6 fails ("DECORDArrayCopyFromTo: The size must exactly match") for some small

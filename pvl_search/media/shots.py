@@ -38,11 +38,11 @@ _SAME_SPAN_S = 0.05  # a shot window this close to a grid window at both ends is
 def detect_cuts(path: str | Path) -> list[float]:
     """Times (seconds) at which a new shot starts, in order. A video decord cannot read gets
     none (its grid windows still cover it)."""
-    from pvl_search.media.decoders import _DecordReader
+    from pvl_search.media.decoders import DecordReader
     from pvl_search.media.types import VideoDecodeError
 
     try:
-        reader = _DecordReader(Path(path), (CUT_SIZE, CUT_SIZE), threads=1)
+        reader = DecordReader(Path(path), (CUT_SIZE, CUT_SIZE), threads=1)
     except VideoDecodeError:
         return []
     times = reader.times

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from pvl_search.durable import write_atomically
+from pvl_search.ray_connect import first_line
 from pvl_search.shards.format import FORMAT, Sample, file_sha256, shard_name, write_samples
 
 SIDECAR = ".json"  # SPLIT-000000.tar -> SPLIT-000000.tar.json
-TMP = ".tmp"  # NAME.tmp: a file being written
 
 
 class ShardWriteError(RuntimeError):
@@ -84,10 +84,10 @@ def write_on_ray(address: str, folder: Path, todo: list[ShardPlan], settings: di
     """One Ray task per missing shard; each writes its files into `folder` itself."""
     if not todo:  # a finished folder needs no cluster
         return {}
-    from pvl_search.ray_connect import _import_ray, connect
+    from pvl_search.ray_connect import connect, import_ray
 
     started = connect(address, workers, 0.0)
-    ray = _import_ray()
+    ray = import_ray()
     written = {}
     try:
         # A task whose worker process dies (a node lost, out of memory) is run again from scratch.
@@ -100,7 +100,7 @@ def write_on_ray(address: str, folder: Path, todo: list[ShardPlan], settings: di
                 sidecar, host = ray.get(ref)
             except ray.exceptions.RayError as error:
                 cause = getattr(error, "cause", None)
-                reason = _one_line(cause if isinstance(cause, BaseException) else error)
+                reason = first_line(cause if isinstance(cause, BaseException) else error)
                 raise ShardWriteError(f"the Ray task writing {folder / plan.name} failed: {reason}") from None
             if not _same_size(folder / plan.name, sidecar["bytes"]):
                 raise ShardWriteError(f"the Ray worker on {host} wrote {folder / plan.name} where this machine does "
@@ -135,32 +135,19 @@ def _write_shard(folder: Path, plan: ShardPlan, outcomes: list[Any], settings: d
     samples, failed = [], {}
     for item, result in zip(plan.items, outcomes, strict=True):
         if isinstance(result, Exception):  # VideoDecodeError: "path: reason"
-            failed[item.video_id] = _one_line(result)
+            failed[item.video_id] = first_line(result)
             continue
         clip = result.clips[0]
         samples.append(Sample(item.key, item.video_id, clip.frames, clip.mask, list(item.captions), item.meta))
     path = folder / plan.name
     sidecar_path = folder / (plan.name + SIDECAR)
     sidecar_path.unlink(missing_ok=True)  # an older sidecar must not vouch for a tar half replaced
-    _atomic(path, lambda f: write_samples(f, samples))
+    write_atomically(path, lambda f: write_samples(f, samples))
     sidecar = {"format": FORMAT, "name": plan.name, "split": plan.split, "number": plan.number,
                "samples": len(samples), "bytes": path.stat().st_size, "sha256": file_sha256(path),
                "failed": failed, "plan": plan.digest(), "settings": settings}
     text = json.dumps(sidecar, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-    _atomic(sidecar_path, lambda f: f.write(text.encode("utf-8")))
+    write_atomically(sidecar_path, lambda f: f.write(text.encode("utf-8")))
     return sidecar
 
 
-def _atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through PATH.tmp and rename: readers (and a rerun) see the whole file or none."""
-    tmp = path.with_name(path.name + TMP)
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())  # a power cut must not leave a renamed but empty file
-    os.replace(tmp, path)
-
-
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

@@ -33,6 +33,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from pvl_search.durable import write_atomically
+
 FORMAT = "pvl-shards/1"
 MANIFEST = "manifest.json"
 
@@ -187,10 +189,8 @@ class Manifest:
 
     def write(self, folder: str | os.PathLike[str]) -> None:
         """Atomically: readers never see half a manifest."""
-        path = Path(folder) / MANIFEST
-        tmp = path.with_name(MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        text = json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
+        write_atomically(Path(folder) / MANIFEST, lambda f: f.write(text.encode()))
 
     @classmethod
     def read(cls, folder: str | os.PathLike[str]) -> Manifest:

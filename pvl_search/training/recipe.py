@@ -139,17 +139,26 @@ def training_clip_seconds(captions_path: str | Path, stream: StreamOptions | Non
         return None
 
 
+def check_init_options(init: str | None, train_only: str) -> None:
+    """Refuse a --train-only that the --init does not allow (before any model is built)."""
+    if train_only == "all":
+        return
+    if init and init.startswith(MODEL_INIT_PREFIX):
+        raise ValueError("--train-only cross is stage one after a CLIP init; it does not apply to --init model:")
+    if not init:
+        raise ValueError("--train-only cross needs --init clip:MODEL:PATH (nothing is pre-trained otherwise)")
+
+
 def initial_model(
     config: ModelConfig, cfg: TrainConfig, init: str | None, train_only: str
 ) -> tuple[PerceiverVL, list[torch.nn.Parameter] | None]:
     """The model to train (fresh, from CLIP or from an own checkpoint), and the parameters to
     train when only some are (None: all)."""
+    check_init_options(init, train_only)
     torch.manual_seed(cfg.seed)
     model = PerceiverVL(config)
     trainable = None
     if init and init.startswith(MODEL_INIT_PREFIX):
-        if train_only != "all":
-            raise ValueError("--train-only cross is stage one after a CLIP init; it does not apply to --init model:")
         init_from_checkpoint(model, init[len(MODEL_INIT_PREFIX):])
     elif init:
         from pvl_search.training.clip_init import init_from_clip, parse_init_spec, trainable_parameters
@@ -158,8 +167,6 @@ def initial_model(
         report = init_from_clip(model, name, weights)
         if train_only != "all":
             trainable = trainable_parameters(model, train_only, copied=report.copied)
-    elif train_only != "all":
-        raise ValueError("--train-only cross needs --init clip:MODEL:PATH (nothing is pre-trained otherwise)")
     return model, trainable
 
 

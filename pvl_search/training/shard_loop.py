@@ -33,6 +33,7 @@ import torch
 
 from pvl_search.data.pairs import FrameCache, PairSet
 from pvl_search.model.checkpoint import save_model
+from pvl_search.model.config import ModelConfig
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
 from pvl_search.precision import choose_dtype
@@ -99,10 +100,9 @@ class ShardSource:
                              with_scene_labels=self.scene_labels)
 
 
-def check_shard_options(model: PerceiverVL, cfg: TrainConfig, options: ShardTrainOptions, manifest: Manifest,
+def check_shard_options(config: ModelConfig, cfg: TrainConfig, options: ShardTrainOptions, manifest: Manifest,
                         folder: Path) -> None:
     """Refuse what cannot train from these shards, in one line, before anything starts."""
-    config = model.config
     if (manifest.frames, manifest.size) != (config.frames, config.frame_size):
         raise ValueError(f"{folder}: shards hold {manifest.frames} frames of {manifest.size} px, the model takes "
                          f"{config.frames} of {config.frame_size} (write shards with the model's --config, or "
@@ -110,7 +110,7 @@ def check_shard_options(model: PerceiverVL, cfg: TrainConfig, options: ShardTrai
     if cfg.group_batches_from is not None or cfg.rerank_only_groups or cfg.mined_negatives:
         raise ValueError("training from shards does not support group batches, --rerank-only-groups or mined "
                          "negatives (they need the whole training set in one process)")
-    if cfg.losses.latent_nce and model.latent_reranker is None:
+    if cfg.losses.latent_nce and not config.latent_reranker:
         raise ValueError("the latent reranker's loss needs a model with one (--latent-reranker)")
     if options.accumulate < 1:
         raise ValueError(f"--accumulate must be at least 1, not {options.accumulate}")
@@ -126,9 +126,8 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype)
 
 
-def validation_set(folder: Path, split: str, text_length: int) -> PairSet | None:
+def validation_set(folder: Path, manifest: Manifest, split: str, text_length: int) -> PairSet | None:
     """The shards' validation split as an in-memory PairSet (small by design), or None."""
-    manifest = Manifest.read(folder)
     if split not in manifest.splits or not manifest.splits[split].samples:
         return None
     samples = load_split(folder, split)
@@ -184,7 +183,7 @@ def train_on_shards(
     folder, out = Path(shards), Path(out_dir)
     collective = collective or Solo()
     manifest = Manifest.read(folder)
-    check_shard_options(model, cfg, options, manifest, folder)
+    check_shard_options(model.config, cfg, options, manifest, folder)
     config = model.config
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
@@ -218,7 +217,7 @@ def train_on_shards(
                autocast_for(device, options.precision), lr_cfg, log, progress, steps_per_epoch * cfg.epochs,
                global_batch, meta["step"], meta["best_r1"], meta["best_epoch"])
     run.first_step = run.step
-    val = validation_set(folder, options.val_split, config.text_length) if collective.is_writer else None
+    val = validation_set(folder, manifest, options.val_split, config.text_length) if collective.is_writer else None
     try:
         for epoch in range(meta["epoch"], cfg.epochs):
             _train_epoch(run, source, epoch, steps_per_epoch)

@@ -12,7 +12,13 @@ from pvl_search.model.config import ModelConfig
 from pvl_search.shards.format import Manifest
 from pvl_search.training.loop import ProgressFn, TrainConfig
 from pvl_search.training.ray_train import RayTrainOptions, ShardJob, train_with_ray
-from pvl_search.training.recipe import RunSummary, initial_model, record_run, training_clip_seconds
+from pvl_search.training.recipe import (
+    RunSummary,
+    check_init_options,
+    initial_model,
+    record_run,
+    training_clip_seconds,
+)
 from pvl_search.training.shard_loop import ShardTrainOptions, check_shard_options, train_on_shards
 
 
@@ -46,9 +52,9 @@ def train_from_shards(
         result = train_on_shards(model, folder, out, cfg, options, resume=resume, trainable=trainable,
                                  progress=progress)
     else:
-        probe, _ = initial_model(config, cfg, init, train_only)  # refuse bad options here, not on N workers
-        check_shard_options(probe, cfg, options, manifest, folder)
-        del probe
+        # Refuse bad options here, in one line, not on N workers (without building a model here).
+        check_init_options(init, train_only)
+        check_shard_options(config, cfg, options, manifest, folder)
         job = ShardJob(str(folder), str(out), config.to_dict(), cfg, options, init, train_only)
         result = train_with_ray(job, ray, progress=progress)
     val = manifest.splits.get(options.val_split)
