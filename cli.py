@@ -61,6 +61,10 @@ def index(
     store_latents: Annotated[bool | None, typer.Option("--store-latents/--no-store-latents",
         help="Keep each segment's full N x D latents (the latent reranker reads them). Default: yes for a model with "
              "a latent reranker, else no; an existing index keeps its choice.")] = None,
+    store_patches: Annotated[bool | None, typer.Option("--store-patches/--no-store-patches",
+        help="Store the patch tokens of every segment (the patch reranker reads them; 512 x 192 float16 values, "
+             "196 KB a segment, for the shipped model). Default: yes for a model with a patch reranker; an existing index keeps its "
+             "choice.")] = None,
     faiss_factory: Annotated[str | None, typer.Option(help="FAISS factory string, e.g. HNSW32 (default: exact, "
                                                            "switching to IVF past 50k segments); a new index "
                                                            "only.")] = None,
@@ -116,6 +120,7 @@ def index(
         options = IndexOptions(window_s=window, stride_s=stride, shots=shots, reindex=reindex, batch_size=batch_size,
                                workers=workers,
                                timeout_s=timeout, backend=decoder, store_latents=store_latents,
+                               store_patches=store_patches,
                                faiss_factory=faiss_factory, retry_failed=retry_failed, thumbnails=thumbnails,
                                vectors=vectors, ray=ray_options)
         with IndexStore(index_dir, db) as store, Progress(
@@ -189,7 +194,8 @@ def search(
         help=f"Segments retrieved by FAISS and reranked. Default: the model's choice (its search_defaults.json), "
              f"else {DEFAULT_RERANK_K}.")] = None,
     rerank: Annotated[RerankMode, typer.Option(
-        help="auto (the reranker the model's validation chose), joint (a cross-encoder over the query's and the "
+        help="auto (the reranker the model's validation chose), patch (a cross-encoder: the query reads each "
+             "candidate's stored patch tokens), joint (a cross-encoder over the query's and the "
              "stored video latents), mixed (the paper's [CLS] decoder from stored rerank states), latent (query "
              "latents attend over stored video latents), single (decode again; slow), none.")] = "auto",
     fusion: Annotated[Fusion | None, typer.Option(

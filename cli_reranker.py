@@ -1,5 +1,6 @@
-"""`pvl-search train-reranker`: train the joint reranker (a cross-encoder over the query's and
-the stored video latents) on frozen retrieval towers. Parse, call one library function, present."""
+"""`pvl-search train-reranker`: train a cross-encoder reranker on frozen retrieval towers, the joint
+reranker (over the stored video latents) or the patch reranker (over the stored patch tokens).
+Parse, call one library function, present."""
 
 from __future__ import annotations
 
@@ -35,13 +36,24 @@ def train_reranker(
     heads: Annotated[int, typer.Option(help="Attention heads.", min=1)] = 4,
     select_k: Annotated[int, typer.Option(help="Validation R@1 at this K picks the best checkpoint.", min=1)] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the reranker's weights and batches.")] = 0,
+    kind: Annotated[str, typer.Option(
+        help="joint (reads each candidate's video latents) or patch (the query reads its patch tokens).")] = "joint",
+    width: Annotated[int, typer.Option(help="The patch reranker's own width.", min=8)] = 64,
+    random_candidates: Annotated[int, typer.Option(
+        help="Of the K candidates, this many are random videos of the chunk (easy negatives) instead of "
+             "retrieval's next best.", min=0)] = 0,
+    init: Annotated[Path | None, typer.Option(
+        help="Start from the reranker saved in this folder (e.g. a run's best/).")] = None,
+    fused_loss: Annotated[bool, typer.Option("--fused-loss/--logit-loss",
+        help="Listwise loss on the fused score the search ranks by (learns retrieval's misses), or on the "
+             "reranker's logit alone (learns the whole match; a patch reranker needs it to start).")] = True,
     resume: Annotated[bool, typer.Option(help="Continue the run in OUT from OUT/last (same options).")] = False,
     as_json: AsJson = False,
 ) -> None:
-    """Train the joint reranker on frozen retrieval towers: each caption of fresh synthetic videos
-    is reranked within its own retrieval top K (hard negatives by construction), listwise, on the
-    fused score the search ranks by. Retrieval is untouched. To ship it, copy OUT/best/reranker
-    into the model folder and record "rerank": "joint" in its search_defaults.json."""
+    """Train a reranker on frozen retrieval towers: each caption of fresh synthetic videos is
+    reranked within its own retrieval top K (hard negatives by construction), listwise. Retrieval
+    is untouched. To ship it, copy OUT/best/reranker (or patch-reranker) into the model folder and
+    record "rerank": "joint" (or "patch") in its search_defaults.json."""
     from pvl_search.model.defaults import DEFAULT_MODEL_DIR
     from pvl_search.training.joint_recipe import JointRun, run_joint_training
     from pvl_search.training.joint_reranker import JointTrainConfig
@@ -60,11 +72,14 @@ def train_reranker(
                        heldout_seed=corpus_seed(captions) if heldout_seed is None else heldout_seed,
                        chunks=chunks, groups_per_chunk=groups_per_chunk, layers=layers, heads=heads, select_k=select_k,
                        train=JointTrainConfig(candidates=candidates, batch_queries=batch_queries, passes=passes, lr=lr,
-                                              warmup=warmup, seed=seed))
+                                              warmup=warmup, seed=seed, fused_loss=fused_loss,
+                                              random_candidates=random_candidates),
+                       kind=kind, width=width, init=None if init is None else str(init))
         last = run_joint_training(run, resume=resume, on_event=on_chunk)
     except _domain_errors() as exc:
         raise fail(str(exc)) from None
     if as_json:
         print(json.dumps(last))
         return
-    console.print(f"reranker: {out / 'best' / 'reranker'} (copy it into the model folder to use it)")
+    folder = "patch-reranker" if kind == "patch" else "reranker"
+    console.print(f"reranker: {out / 'best' / folder} (copy it into the model folder to use it)")

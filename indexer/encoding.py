@@ -15,6 +15,7 @@ from pvl_search.media.video import to_model_input
 from pvl_search.model.checkpoint import load_clip_seconds, load_model, load_search_defaults, weights_fingerprint
 from pvl_search.model.defaults import DEFAULT_MODEL_DIR, pick_device
 from pvl_search.model.joint_reranker import JointReranker, load_reranker
+from pvl_search.model.patch_reranker import PatchReranker, load_patch_reranker
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
 from pvl_search.precision import DtypeChoice, choose_dtype, dtype_name
@@ -27,6 +28,7 @@ class EncodedClips:
     embeddings: np.ndarray  # (n, d) float32, L2-normalised: goes into FAISS
     rerank_states: np.ndarray  # (n, D + H) float32: the factorised mixed-stream state
     latents: np.ndarray | None  # (n, N * D) float32, only when asked for
+    patches: np.ndarray | None = None  # (n, M * D) float32 patch tokens, only when asked for
 
 
 @dataclass
@@ -51,6 +53,7 @@ class ModelRunner:
         search_defaults: dict | None = None,
         reranker: JointReranker | None = None,
         clip_s: float | None = None,
+        patch_reranker: PatchReranker | None = None,
     ) -> None:
         self.device = pick_device(device)
         self.clip_s = clip_s  # the clip length it was trained on (clip.json): index windows follow it
@@ -64,6 +67,8 @@ class ModelRunner:
         self.retrieval_scale = model.retrieval_scale  # fuses rerank logits with similarities
         # The joint reranker shipped beside the model (its own weights; it changes no vector).
         self.reranker = None if reranker is None else reranker.to(self.device, self.dtype).eval()
+        # The patch reranker beside it reads the patch tokens an index stores per segment.
+        self.patch_reranker = None if patch_reranker is None else patch_reranker.to(self.device, self.dtype).eval()
         self.cross_layers = cross_layers
         self.tokenizer = Tokenizer(self.config.text_length)
         # (batch size, torch threads) -> whether a batched text-encoder call is exact there
@@ -81,7 +86,7 @@ class ModelRunner:
         folder = Path(folder) if folder else DEFAULT_MODEL_DIR
         return cls(load_model(folder), weights_fingerprint(folder), device=device, cross_layers=cross_layers,
                    dtype=dtype, search_defaults=load_search_defaults(folder), reranker=load_reranker(folder),
-                   clip_s=load_clip_seconds(folder))
+                   clip_s=load_clip_seconds(folder), patch_reranker=load_patch_reranker(folder))
 
     @property
     def dtype_name(self) -> str:
@@ -89,14 +94,19 @@ class ModelRunner:
         return dtype_name(self.dtype)
 
     @torch.inference_mode()
-    def encode_clips(self, frames: np.ndarray, masks: np.ndarray, *, keep_latents: bool = False) -> EncodedClips:
+    def encode_clips(self, frames: np.ndarray, masks: np.ndarray, *, keep_latents: bool = False,
+                     keep_patches: bool = False) -> EncodedClips:
         """frames uint8 (n, F, S, S, 3), masks bool (n, F)."""
         x, m = to_model_input(frames, masks)
         x, m = x.to(self.device, self.model.dtype), m.to(self.device)
-        out = self.model.encode_video(x, m, cross_layers=self.cross_layers)
+        out = self.model.encode_video(x, m, cross_layers=self.cross_layers, keep_inputs=keep_patches)
         states = self.model.rerank_state(out.latents)
         latents = out.latents.float().flatten(1).cpu().numpy() if keep_latents else None
-        return EncodedClips(out.embedding.cpu().numpy(), states.cpu().numpy(), latents)
+        patches = None
+        if keep_patches:  # padding frames' tokens stored as exact zeros: `patch_scores` masks them
+            real = m[:, :, None].expand(-1, -1, out.inputs.shape[1] // m.shape[1]).reshape(m.shape[0], -1, 1)
+            patches = (out.inputs.float() * real).flatten(1).cpu().numpy()
+        return EncodedClips(out.embedding.cpu().numpy(), states.cpu().numpy(), latents, patches)
 
     @torch.inference_mode()
     def encode_queries(self, texts: Sequence[str]) -> EncodedQueries:
@@ -112,7 +122,7 @@ class ModelRunner:
         for row in latents.split(1):
             embeddings.append(PerceiverVL._embed(row, self.model.text_proj))
             states.append(self.model.rerank_state(row))
-        keeps = self.model.latent_reranker is not None or self.reranker is not None  # rerankers read them
+        keeps = any(r is not None for r in (self.model.latent_reranker, self.reranker, self.patch_reranker))
         keep = latents.float().cpu().numpy() if keeps else None
         return EncodedQueries(torch.cat(embeddings).cpu().numpy(), torch.cat(states).cpu().numpy(), truncated, keep)
 
@@ -173,6 +183,18 @@ class ModelRunner:
             raise ValueError("this model has no joint reranker (no reranker/ in its folder)")
         q, c = self._latent_pair(query_latents, candidate_latents)
         return self.reranker.score(q, c).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def patch_scores(self, query_latents: np.ndarray, candidate_patches: np.ndarray) -> np.ndarray:
+        """One query's text latents (N, D) x K candidates' stored patch tokens (K, M, D) or
+        (K, M * D) -> (K,) patch-reranker logits, one batched call."""
+        if self.patch_reranker is None:
+            raise ValueError("this model has no patch reranker (no patch-reranker/ in its folder)")
+        q = torch.as_tensor(query_latents, device=self.device).to(self.dtype)
+        c = torch.as_tensor(candidate_patches, device=self.device)
+        c = c.reshape(len(candidate_patches), -1, self.config.hidden)
+        real = c.abs().amax(-1) > 0  # (K, M): a padding frame's tokens were stored as zeros
+        return self.patch_reranker.score(q, c.to(self.dtype), real).cpu().numpy()
 
     @torch.inference_mode()
     def single_scores(self, frames: np.ndarray, masks: np.ndarray, text: str) -> np.ndarray:

@@ -134,13 +134,19 @@ class _Killed(Exception):
     """Stands for a kill right after a chunk's checkpoint."""
 
 
-def test_a_stopped_run_resumes_to_the_same_weights(tmp_path: Path, small_run: dict) -> None:
+@pytest.mark.parametrize("kind", ["joint", "patch"])
+def test_a_stopped_run_resumes_to_the_same_weights(tmp_path: Path, small_run: dict, kind: str) -> None:
+    from pvl_search.model.patch_reranker import load_patch_reranker
     from pvl_search.training.joint_recipe import JointRun, run_joint_training
 
     def run(out: str, chunks: int = 2) -> JointRun:
+        patch = kind == "patch"  # the patch reranker's recipe: the logit alone, one random candidate
         return JointRun(model_dir=str(small_run["model"]), captions=str(small_run["captions"]),
                         out=str(tmp_path / out), stream_seed=5, heldout_seed=0, chunks=chunks, groups_per_chunk=2,
-                        train=JointTrainConfig(candidates=4, batch_queries=4, warmup=2))
+                        train=JointTrainConfig(candidates=4, batch_queries=4, warmup=2, fused_loss=not patch,
+                                               random_candidates=int(patch)), kind=kind, width=8)
+
+    loader = load_patch_reranker if kind == "patch" else load_reranker
 
     def kill_after_first(line: dict) -> None:
         if line["chunk"] == 0:
@@ -151,7 +157,7 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path: Path, small_run: di
         run_joint_training(run("cut"), on_event=kill_after_first)
     last = run_joint_training(run("cut"), resume=True)
     assert last["chunk"] == 1
-    whole, cut = load_reranker(tmp_path / "whole" / "last"), load_reranker(tmp_path / "cut" / "last")
+    whole, cut = loader(tmp_path / "whole" / "last"), loader(tmp_path / "cut" / "last")
     for (name, a), b in zip(whole.state_dict().items(), cut.state_dict().values()):
         assert torch.equal(a, b), name
     def logged(out: str) -> list[str]:  # timings aside

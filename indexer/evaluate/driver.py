@@ -54,6 +54,7 @@ from indexer.evaluate.report import (
     LATENT,
     MIXED,
     MULTI,
+    PATCH,
     SINGLE,
     EvalError,
     EvalProgress,
@@ -61,7 +62,12 @@ from indexer.evaluate.report import (
     MethodResult,
 )
 from indexer.search.request import SearchError, check_fusion
-from indexer.search.rerankers import joint_rerank_available, latent_rerank_available, stored_scores
+from indexer.search.rerankers import (
+    joint_rerank_available,
+    latent_rerank_available,
+    patch_rerank_available,
+    stored_scores,
+)
 from indexer.search.searcher import Searcher
 from indexer.search.single_stream import SINGLE_BATCH, ClipCache, single_pass
 from indexer.store.base import StoreBase
@@ -264,7 +270,7 @@ class _QueryScorer:
         self.runner, self.store, self.corpus, self.plan, self.cache = runner, store, corpus, plan, cache
         # The rerankers that score from stored rows, as this model and index allow.
         self.stored_methods = [MIXED] + [LATENT] * latent_rerank_available(runner, store) \
-            + [JOINT] * joint_rerank_available(runner, store)
+            + [JOINT] * joint_rerank_available(runner, store) + [PATCH] * patch_rerank_available(runner, store)
         _warm_up(runner, store, corpus, single_stream=plan.depth > 0)
 
     def _logits(self, method: str, encoded: object, cand: np.ndarray) -> np.ndarray:
@@ -348,6 +354,8 @@ def _warm_up(runner: ModelRunner, store: StoreBase, corpus: _Corpus, *, single_s
         runner.latent_scores(encoded.latents[0], store.latents(corpus.segment_ids[:1]))
     if joint_rerank_available(runner, store):
         runner.joint_scores(encoded.latents[0], store.latents(corpus.segment_ids[:1]))
+    if patch_rerank_available(runner, store):
+        runner.patch_scores(encoded.latents[0], store.patch_tokens(corpus.segment_ids[:1]))
     if single_stream:
         config = runner.config
         frames = np.zeros((1, config.frames, config.frame_size, config.frame_size, 3), dtype=np.uint8)

@@ -79,7 +79,8 @@ def _encode_batches(
         batch, queue[:] = queue[: options.batch_size], queue[options.batch_size :]
         frames = np.stack([v.decoded.clips[i].frames for v, i in batch])
         masks = np.stack([v.decoded.clips[i].mask for v, i in batch])
-        encoded = runner.encode_clips(frames, masks, keep_latents=bool(options.store_latents))
+        encoded = runner.encode_clips(frames, masks, keep_latents=bool(options.store_latents),
+                                      keep_patches=bool(options.store_patches))
         for row, (video, _) in enumerate(batch):
             video.parts.append(_rows(encoded, row))
             video.encoded += 1
@@ -149,18 +150,20 @@ class _EncoderThreads:
 
 def _rows(encoded: EncodedClips, row: int) -> EncodedClips:
     latents = None if encoded.latents is None else encoded.latents[row : row + 1]
-    return EncodedClips(encoded.embeddings[row : row + 1], encoded.rerank_states[row : row + 1], latents)
+    patches = None if encoded.patches is None else encoded.patches[row : row + 1]
+    return EncodedClips(encoded.embeddings[row : row + 1], encoded.rerank_states[row : row + 1], latents, patches)
 
 
 def _finished(video: _Pending, runner: ModelRunner, options: IndexOptions) -> EncodedVideo:
     decoded = video.decoded
     latents = np.concatenate([p.latents for p in video.parts]) if options.store_latents else None
+    patches = np.concatenate([p.patches for p in video.parts]) if options.store_patches else None
     thumbnails = [clip_thumbnail(clip.frames, clip.mask) for clip in decoded.clips] if options.thumbnails else None
     return EncodedVideo(
         video.path, video.stat, video.fingerprint, decoded.spans, decoded.info,
         np.concatenate([p.embeddings for p in video.parts]),
         np.concatenate([p.rerank_states for p in video.parts]),
-        latents, thumbnails, runner.dtype_name, decoded.log.lines, decoded.log.text,
+        latents, thumbnails, runner.dtype_name, decoded.log.lines, decoded.log.text, patches,
     )
 
 

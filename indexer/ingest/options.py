@@ -27,6 +27,9 @@ class IndexOptions:
     # Keep the full N x D latents per segment; None: when the model has a latent reranker
     # (which reads them at search time), or as an existing index already does.
     store_latents: bool | None = None
+    # Keep each segment's M x D patch tokens; None: when the model folder has a patch reranker
+    # (which reads them at search time), or as an existing index already does.
+    store_patches: bool | None = None
     faiss_factory: str | None = None  # None: exact, switching to IVF past a size threshold
     retry_failed: bool = False  # try files that failed before even if they did not change
     save_every: int = 200  # videos between vector-index saves (it is derived: only restart cost)

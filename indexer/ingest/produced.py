@@ -27,6 +27,7 @@ class EncodedVideo:
     dtype: str  # what the model ran in for this file
     decoder_lines: int = 0  # lines FFmpeg / decord wrote to stderr while decoding it (warnings)
     decoder_log: str = ""  # those lines (the first 64 KB)
+    patches: np.ndarray | None = None  # (n, M * D) when the index keeps patch tokens
 
 
 @dataclass

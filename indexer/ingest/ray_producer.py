@@ -72,6 +72,7 @@ class RemoteVideo:
     thumbnails: list[bytes | None] | None
     dtype: str  # what the worker's model ran in
     log: Any  # pvl_search.media.decode_worker.DecoderLog: what the decoder wrote to stderr
+    patches: np.ndarray | None = None  # (n, M * D) when the index keeps patch tokens
 
     def __len__(self) -> int:
         return len(self.embeddings)
@@ -133,18 +134,21 @@ class Encoder:
         for lo in range(0, len(frames), s["batch_size"]):  # clips of several files per encoder call
             parts.append(self.runner.encode_clips(np.stack(frames[lo : lo + s["batch_size"]]),
                                                   np.stack(masks[lo : lo + s["batch_size"]]),
-                                                  keep_latents=s["store_latents"]))
+                                                  keep_latents=s["store_latents"],
+                                                  keep_patches=s["store_patches"]))
         if parts:
             emb = np.concatenate([p.embeddings for p in parts])
             states = np.concatenate([p.rerank_states for p in parts])
             lat = np.concatenate([p.latents for p in parts]) if s["store_latents"] else None
+            pat = np.concatenate([p.patches for p in parts]) if s["store_patches"] else None
         row = 0
         for key, spans, info, clips, log in decoded:
             n = len(clips)
             thumbs = [clip_thumbnail(c.frames, c.mask) for c in clips] if s["thumbnails"] else None
             out.append((key, "ok", RemoteVideo(spans, info, emb[row : row + n], states[row : row + n],
                                                None if lat is None else lat[row : row + n], thumbs,
-                                               self.runner.dtype_name, log)))
+                                               self.runner.dtype_name, log,
+                                               None if pat is None else pat[row : row + n])))
             row += n
         return out
 
@@ -167,6 +171,7 @@ def _start_actors(ray: Any, runner: ModelRunner, options: IndexOptions) -> list[
     settings = {"window_s": options.window_s, "stride_s": options.stride_s, "shots": options.shots,
                 "batch_size": options.batch_size,
                 "backend": options.backend, "store_latents": bool(options.store_latents),
+                "store_patches": bool(options.store_patches),
                 "thumbnails": options.thumbnails}
     device = "cuda" if ro.gpus_per_worker > 0 else "cpu"
     actor_class = ray.remote(Encoder)
@@ -212,7 +217,7 @@ def _result(kind: str, payload: Any, planned: tuple[Path, os.stat_result, str]) 
     remote: RemoteVideo = payload
     return EncodedVideo(str(path), stat, fingerprint, remote.spans, remote.info, remote.embeddings,
                         remote.rerank_states, remote.latents, remote.thumbnails, remote.dtype,
-                        remote.log.lines, remote.log.text)
+                        remote.log.lines, remote.log.text, remote.patches)
 
 
 def _remote_results(

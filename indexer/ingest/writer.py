@@ -41,7 +41,8 @@ class RunWriter:
 
     def prepare(self, runner: ModelRunner, options: IndexOptions) -> IndexOptions:
         """Record the model and layout on a new index, or check them on an existing one; returns
-        the options with the windows and `store_latents` resolved (the producers need them)."""
+        the options with the windows, `store_latents` and `store_patches` resolved (the producers
+        need them)."""
         store, config = self.store, runner.config
         windows = choose_windows(options.window_s, options.stride_s, recorded=store.windows(),
                                  holds_videos=store.counts()[0] > 0, clip_s=runner.clip_s, reindex=options.reindex,
@@ -49,25 +50,26 @@ class RunWriter:
         options = dataclasses.replace(options, window_s=windows.window_s, stride_s=windows.stride_s,
                                       shots=windows.shots)
         self._windows, self._clip_s, self._reindexing = windows, runner.clip_s, options.reindex
-        keep_latents = options.store_latents
+        keep_latents, keep_patches = options.store_latents, options.store_patches
         if keep_latents is None:
             keep_latents = config.latent_reranker if store.layout is None else store.layout.keeps_latents
-            options = dataclasses.replace(options, store_latents=keep_latents)
+        if keep_patches is None:
+            keep_patches = runner.patch_reranker is not None if store.layout is None else store.layout.keeps_patches
+        options = dataclasses.replace(options, store_latents=keep_latents, store_patches=keep_patches)
         layout = IndexLayout(
             config.embed_dim,
             config.rerank_state_width,
             (config.latents, config.hidden) if keep_latents else None,
             options.faiss_factory,
             resolve_vectors(options.vectors, store.layout),
+            (config.patch_tokens, config.hidden) if keep_patches else None,
         )
         if store.layout is None:
             store.set_model(config.to_json(), runner.fingerprint, layout)
         else:
             store.check_model(config.to_json(), runner.fingerprint)
-            if store.layout.keeps_latents != keep_latents:
-                keeps = "keeps" if store.layout.keeps_latents else "does not keep"
-                raise IndexStoreError(f"index {store.directory} {keeps} latents; "
-                                      f"{'add' if store.layout.keeps_latents else 'drop'} --store-latents")
+            _check_kept(store, "latents", "--store-latents", store.layout.keeps_latents, keep_latents)
+            _check_kept(store, "patch tokens", "--store-patches", store.layout.keeps_patches, keep_patches)
         return options
 
     def start(self, planned: Plan, dtype: str) -> list[SegmentInfo]:
@@ -160,6 +162,7 @@ class RunWriter:
             video.rerank_states,
             video.latents if options.store_latents else None,
             thumbnails=video.thumbnails if options.thumbnails else None,
+            patches=video.patches if options.store_patches else None,
         )
 
     def _report(self, path: str) -> None:
@@ -168,3 +171,10 @@ class RunWriter:
             partial = sum(min(u.share, 0.99) for u in self._underway.values())  # whole once written
             encoded = sum(u.encoded for u in self._underway.values())
             self._progress(IndexProgress(done, self._total, self.summary.segments, path, partial, encoded))
+
+
+def _check_kept(store: IndexStore, what: str, option: str, kept: bool, wanted: bool) -> None:
+    """An index keeps what it was built with: asking for the other is one line naming the option."""
+    if kept != wanted:
+        raise IndexStoreError(f"index {store.directory} {'keeps' if kept else 'does not keep'} {what}; "
+                              f"{'add' if kept else 'drop'} {option}")

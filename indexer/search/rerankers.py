@@ -2,7 +2,10 @@
 one rule that the searcher, the server's gates and `eval` share.
 
 - ``auto`` resolves to the reranker the model's validation chose (its folder's
-  search_defaults.json) when this index can run it, else ``mixed``;
+  search_defaults.json) when this index can run it, else ``latent`` where it can run, else
+  ``mixed``;
+- ``patch`` lets the query's text latents read each candidate's stored patch tokens (the
+  cross-encoder shipped beside the model, pvl_search.model.patch_reranker);
 - ``joint`` reads the query's text latents and each candidate's stored video latents together
   (the cross-encoder shipped beside the model, pvl_search.model.joint_reranker);
 - ``mixed`` scores from the stored rerank states (the paper's [CLS] decoder, factorised);
@@ -32,17 +35,27 @@ def joint_rerank_available(runner: ModelRunner, store: StoreBase) -> bool:
     return runner.reranker is not None and store.layout.keeps_latents
 
 
+def patch_rerank_available(runner: ModelRunner, store: StoreBase) -> bool:
+    """Whether the patch reranker can run: the model folder has one and the index keeps patch tokens."""
+    layout = store.layout
+    return runner.patch_reranker is not None and layout is not None and layout.keeps_patches
+
+
 def rerank_mode(requested: str, runner: ModelRunner, store: StoreBase) -> str:
-    """The reranker a request gets (see the module doc); SearchError when `latent` or `joint`
-    is asked for and cannot run here."""
-    available = {"latent": latent_rerank_available(runner, store), "joint": joint_rerank_available(runner, store)}
+    """The reranker a request gets (see the module doc); SearchError when `latent`, `joint` or
+    `patch` is asked for and cannot run here."""
+    available = {"latent": latent_rerank_available(runner, store), "joint": joint_rerank_available(runner, store),
+                 "patch": patch_rerank_available(runner, store)}
     if requested == "auto":
         chosen = runner.search_defaults.get("rerank", "mixed")
-        return chosen if available.get(chosen, True) else "mixed"
+        if available.get(chosen, True):
+            return chosen
+        return "latent" if available["latent"] else "mixed"  # e.g. an index built without patch tokens
     if not available.get(requested, True):
-        has = runner.model.latent_reranker if requested == "latent" else runner.reranker
-        why = f"the model has no {requested} reranker" if has is None else \
-            "this index keeps no latents (index it with --store-latents)"
+        has = {"latent": runner.model.latent_reranker, "joint": runner.reranker, "patch": runner.patch_reranker}
+        kept, option = ("patch tokens", "--store-patches") if requested == "patch" else ("latents", "--store-latents")
+        why = f"the model has no {requested} reranker" if has[requested] is None else \
+            f"this index keeps no {kept} (index it with {option})"
         raise SearchError(f"rerank={requested} is not available: {why}", "rerank")
     return requested
 
@@ -62,7 +75,7 @@ def stored_scores(
     ids: np.ndarray,
 ) -> np.ndarray:
     """Rerank logits of one query against the segments `ids`, from what the index stored:
-    `mode` mixed (the query's rerank state, (D + H,)), latent or joint (its latents, (N, D))."""
+    `mode` mixed (the query's rerank state, (D + H,)), latent, joint or patch (its latents, (N, D))."""
     if mode == "mixed":
         states = store.rerank_states(ids)  # (K, D + H): read from the memory map
         return runner.mixed_scores(rerank_state[None], states[None])[0]
@@ -70,4 +83,6 @@ def stored_scores(
         return runner.latent_scores(latents, store.latents(ids))  # (K, N, D) stored
     if mode == "joint":
         return runner.joint_scores(latents, store.latents(ids))
+    if mode == "patch":
+        return runner.patch_scores(latents, store.patch_tokens(ids))
     raise ValueError(f"rerank mode {mode!r} does not score from stored rows")

@@ -24,6 +24,7 @@ from indexer.store.records import (
     EMBEDDINGS_FILE,
     FAISS_FILE,
     LATENTS_FILE,
+    PATCHES_FILE,
     RERANK_FILE,
     THUMBNAILS_DIR,
     IndexLayout,
@@ -71,6 +72,7 @@ class StoreBase(ABC):
         self.embedding_store: RowStore | None = None
         self.rerank_store: RowStore | None = None
         self.latent_store: RowStore | None = None
+        self.patch_store: RowStore | None = None
         self.vectors: VectorIndex | None = None
         self._faiss_rows = 0  # committed rows the in-memory FAISS reflects
         self._faiss_seq = 0  # removal_seq the in-memory FAISS reflects
@@ -114,11 +116,21 @@ class StoreBase(ABC):
         if layout.latent_shape is not None:
             tokens, dim = layout.latent_shape
             paths.append((self.directory / LATENTS_FILE, tokens * dim))
+        if layout.patch_shape is not None:
+            tokens, dim = layout.patch_shape
+            paths.append((self.directory / PATCHES_FILE, tokens * dim))
         return paths
 
     def _stores(self) -> list[RowStore]:
-        stores = (self.embedding_store, self.rerank_store, self.latent_store)
+        stores = (self.embedding_store, self.rerank_store, self.latent_store, self.patch_store)
         return [s for s in stores if s is not None]
+
+    def _adopt_stores(self, stores: list[RowStore], layout: IndexLayout) -> None:
+        """Name the opened stores (in `_store_paths` order) by what they hold."""
+        by_name = {store.path.name: store for store in stores}
+        self.embedding_store, self.rerank_store = stores[0], stores[1]
+        self.latent_store, self.patch_store = by_name.get(LATENTS_FILE), by_name.get(PATCHES_FILE)
+        self._data_layout = layout
 
     def _vector_settings(self) -> VectorSettings:
         # The row store, not `rerank_states`: Milvus reads rows while `committed_rows` moves.
@@ -260,6 +272,14 @@ class StoreBase(ABC):
         rows = self.latent_store.get(self._committed_ids(ids))
         return rows.reshape(len(rows), *layout.latent_shape)
 
+    def patch_tokens(self, ids: Any) -> np.ndarray:
+        """Patch tokens of segments `ids`, float32 (K, M, D); only if the index keeps them."""
+        layout = self._require_layout()
+        if layout.patch_shape is None or self.patch_store is None:
+            raise IndexStoreError(f"index {self.directory} keeps no patch tokens")
+        rows = self.patch_store.get(self._committed_ids(ids))
+        return rows.reshape(len(rows), *layout.patch_shape)
+
     def _require(self, store: RowStore | None) -> RowStore:
         if store is None:
             if self.db is None:
@@ -350,7 +370,7 @@ class StoreBase(ABC):
             store.close()
         if self.vectors is not None:
             self.vectors.close()  # a Milvus client lets go of its connection
-        self.embedding_store = self.rerank_store = self.latent_store = None
+        self.embedding_store = self.rerank_store = self.latent_store = self.patch_store = None
         self.vectors = None
         self._data_layout = None
         self._faiss_valid = self._dirty = False

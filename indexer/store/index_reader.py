@@ -29,7 +29,15 @@ from indexer.errors import IndexReplacedError, IndexStoreError, RowStoreError, S
 from indexer.paths import from_stored
 from indexer.store.base import StoreBase
 from indexer.store.database import Database, alembic_config, current_revisions, read_only_engine, session_factory
-from indexer.store.records import EMBEDDINGS_FILE, LATENTS_FILE, RERANK_FILE, SegmentInfo, VideoSegments, layout_of
+from indexer.store.records import (
+    EMBEDDINGS_FILE,
+    LATENTS_FILE,
+    PATCHES_FILE,
+    RERANK_FILE,
+    SegmentInfo,
+    VideoSegments,
+    layout_of,
+)
 from indexer.store.row_store import RowStore
 from indexer.store.schema import IndexInfo, Segment, Video, VideoStatus
 from pvl_search.media.windows import Windows
@@ -138,9 +146,7 @@ class IndexReader(StoreBase):
             ):
                 return  # nothing committed, the writer is (re)creating the stores: empty
             raise
-        self.embedding_store, self.rerank_store = stores[0], stores[1]
-        self.latent_store = stores[2] if len(stores) > 2 else None
-        self._data_layout = layout
+        self._adopt_stores(stores, layout)
         self.vectors = self._load_vectors(layout)
 
     def _sync(self) -> bool:
@@ -191,7 +197,8 @@ class IndexReader(StoreBase):
         """(device, inode) of the folder, its store files and a SQLite database (None where
         missing): what changes when the index is deleted and restored, or rebuilt."""
         url = make_url(self.db_url)
-        paths = [self.directory, *(self.directory / name for name in (EMBEDDINGS_FILE, RERANK_FILE, LATENTS_FILE))]
+        paths = [self.directory, *(self.directory / name for name in (EMBEDDINGS_FILE, RERANK_FILE, LATENTS_FILE,
+                                                                          PATCHES_FILE))]
         if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
             paths.append(Path(url.database))
         identity = []

@@ -23,11 +23,13 @@ from indexer.store.records import (
     FAISS_FILE,
     LATENTS_FILE,
     LOCK_FILE,
+    PATCHES_FILE,
     RERANK_FILE,
     IndexLayout,
     SegmentInfo,
     VideoMeta,
     checked_rows,
+    layout_columns,
     pause_point,
 )
 from indexer.store.row_store import RowStore
@@ -93,9 +95,7 @@ class IndexStore(StoreBase):
             for store in stores:
                 store.close()
             raise
-        self.embedding_store, self.rerank_store = stores[0], stores[1]
-        self.latent_store = stores[2] if len(stores) > 2 else None
-        self._data_layout = layout
+        self._adopt_stores(stores, layout)
         self.vectors = self._load_vectors(layout)
         self._reconcile()
 
@@ -150,8 +150,7 @@ class IndexStore(StoreBase):
         current = self.layout
         if self._rows > 0 and current is not None:
             self.check_model(model_config, weights_fingerprint)
-            if ((current.embedding_dim, current.rerank_width, current.latent_shape)
-                    != (layout.embedding_dim, layout.rerank_width, layout.latent_shape)):
+            if current.row_shapes() != layout.row_shapes():
                 raise ModelMismatchError(
                     f"index {self.directory} stores {current}, the model gives {layout}"
                 )
@@ -162,21 +161,11 @@ class IndexStore(StoreBase):
         # Nothing committed: old store files (if any) hold no data; drop them before the
         # new layout is committed, so a crash in between leaves nothing of the wrong width.
         self._close_data()
-        for name in (EMBEDDINGS_FILE, RERANK_FILE, LATENTS_FILE, FAISS_FILE, MILVUS_META_FILE):
+        for name in (EMBEDDINGS_FILE, RERANK_FILE, LATENTS_FILE, PATCHES_FILE, FAISS_FILE, MILVUS_META_FILE):
             (self.directory / name).unlink(missing_ok=True)
         fsync_dir(self.directory)
-        latent = layout.latent_shape
-        self._write_info(
-            model_config=model_config,
-            weights_fingerprint=weights_fingerprint,
-            embedding_dim=layout.embedding_dim,
-            rerank_width=layout.rerank_width,
-            latent_tokens=latent[0] if latent else None,
-            latent_dim=latent[1] if latent else None,
-            faiss_factory=layout.faiss_factory,
-            vector_store=layout.vectors,
-            encode_dtype=None,  # nothing encoded with this model yet
-        )
+        self._write_info(model_config=model_config, weights_fingerprint=weights_fingerprint,
+                         encode_dtype=None, **layout_columns(layout))  # nothing encoded with this model yet
         self._open_data()
 
     def _move_vectors(self, current: IndexLayout, layout: IndexLayout) -> None:
@@ -229,13 +218,15 @@ class IndexStore(StoreBase):
         rerank_states: np.ndarray,
         latents: np.ndarray | None = None,
         thumbnails: Sequence[bytes | None] | None = None,
+        patches: np.ndarray | None = None,
     ) -> int:
         """Store one indexed video and its segments as one atomic unit; returns its id.
 
         A path already in the index (changed file, earlier failure) is updated in place
         and its previous segments are removed. `segments` are (start_s, end_s) pairs, one
         per row of `embeddings` (n, d), `rerank_states` (n, D + H) and, when the layout
-        keeps latents, `latents` (n, N, D) or (n, N * D). `thumbnails`: one JPEG (or None)
+        keeps latents, `latents` (n, N, D) or (n, N * D); when it keeps patch tokens, `patches`
+        (n, M, D) or (n, M * D). `thumbnails`: one JPEG (or None)
         per segment, written with the store rows; the old segments' thumbnails are deleted.
         """
         self._ready_for_writes()
@@ -243,7 +234,7 @@ class IndexStore(StoreBase):
         n = len(spans)
         widths = [(store.path.name, store.width) for store in self._stores()]
         rows = checked_rows(path, self._require_layout(), widths, spans, embeddings, rerank_states, latents,
-                            thumbnails)
+                            thumbnails, patches)
         stores = self._stores()
         first = self._rows
         try:

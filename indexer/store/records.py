@@ -19,6 +19,7 @@ from pvl_search.media.windows import Windows
 EMBEDDINGS_FILE = "embeddings.f16"
 RERANK_FILE = "rerank_states.f16"
 LATENTS_FILE = "latents.f16"
+PATCHES_FILE = "patches.f16"
 FAISS_FILE = "vectors.faiss"
 LOCK_FILE = "index.lock"
 THUMBNAILS_DIR = "thumbnails"  # one JPEG per segment (indexer/store/thumbnails.py)
@@ -56,10 +57,19 @@ class IndexLayout:
     latent_shape: tuple[int, int] | None = None  # (N, D) to keep full latents, else None
     faiss_factory: str | None = None  # None: exact, then IVF past the size threshold
     vectors: str | None = None  # None: FAISS file; "milvus:URI" (indexer/store/vectors/choice.py)
+    patch_shape: tuple[int, int] | None = None  # (M, D) to keep patch tokens (patch reranker), else None
 
     @property
     def keeps_latents(self) -> bool:
         return self.latent_shape is not None
+
+    @property
+    def keeps_patches(self) -> bool:
+        return self.patch_shape is not None
+
+    def row_shapes(self) -> tuple[int | tuple[int, int] | None, ...]:
+        """What a segment's rows hold beside the vectors: the part a model change must keep."""
+        return (self.embedding_dim, self.rerank_width, self.latent_shape, self.patch_shape)
 
 
 @dataclass(frozen=True)
@@ -133,13 +143,24 @@ def size_mtime(stat: os.stat_result | tuple[int, float]) -> tuple[int, float]:
     return int(size), float(mtime)
 
 
+def layout_columns(layout: IndexLayout) -> dict[str, int | str | None]:
+    """The index_info columns that record `layout` (`layout_of` reads them back)."""
+    latent, patch = layout.latent_shape, layout.patch_shape
+    return {"embedding_dim": layout.embedding_dim, "rerank_width": layout.rerank_width,
+            "latent_tokens": latent[0] if latent else None, "latent_dim": latent[1] if latent else None,
+            "patch_tokens": patch[0] if patch else None, "patch_dim": patch[1] if patch else None,
+            "faiss_factory": layout.faiss_factory, "vector_store": layout.vectors}
+
+
 def layout_of(info: IndexInfo) -> IndexLayout | None:
     if info.embedding_dim is None or info.rerank_width is None:
         return None
-    latent = None
+    latent = patch = None
     if info.latent_tokens is not None and info.latent_dim is not None:
         latent = (info.latent_tokens, info.latent_dim)
-    return IndexLayout(info.embedding_dim, info.rerank_width, latent, info.faiss_factory, info.vector_store)
+    if info.patch_tokens is not None and info.patch_dim is not None:
+        patch = (info.patch_tokens, info.patch_dim)
+    return IndexLayout(info.embedding_dim, info.rerank_width, latent, info.faiss_factory, info.vector_store, patch)
 
 
 
@@ -152,6 +173,7 @@ def checked_rows(
     rerank_states: np.ndarray,
     latents: np.ndarray | None,
     thumbnails: Sequence[bytes | None] | None,
+    patches: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """A video's rows for each store (named with their row `widths`), float32, after checking
     every shape against the layout (ValueError naming the file)."""
@@ -165,6 +187,12 @@ def checked_rows(
         rows.append(np.asarray(latents, np.float32).reshape(n, -1))
     elif latents is not None:
         raise ValueError(f"{path}: this index keeps no latents (layout.latent_shape is None)")
+    if layout.patch_shape is not None:
+        if patches is None:
+            raise ValueError(f"{path}: this index keeps patch tokens, none were given")
+        rows.append(np.asarray(patches, np.float32).reshape(n, -1))
+    elif patches is not None:
+        raise ValueError(f"{path}: this index keeps no patch tokens (layout.patch_shape is None)")
     if thumbnails is not None and len(thumbnails) != n:
         raise ValueError(f"{path}: {n} segments but {len(thumbnails)} thumbnails")
     for (name, width), block in zip(widths, rows):

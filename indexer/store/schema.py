@@ -136,6 +136,8 @@ class IndexInfo(Base):
     rerank_width: Mapped[int | None] = mapped_column(Integer)  # D + H
     latent_tokens: Mapped[int | None] = mapped_column(Integer)  # N, when latents are kept
     latent_dim: Mapped[int | None] = mapped_column(Integer)  # D, when latents are kept
+    patch_tokens: Mapped[int | None] = mapped_column(Integer)  # M, when patch tokens are kept
+    patch_dim: Mapped[int | None] = mapped_column(Integer)  # D, when patch tokens are kept
     faiss_factory: Mapped[str | None] = mapped_column(String(128))  # None: automatic
     vector_store: Mapped[str | None] = mapped_column(String(1024))  # None: FAISS; "milvus:URI"
     # Crash-safety counters (the protocol in indexer/store/__init__.py): store rows that belong to

@@ -22,7 +22,7 @@ CONFIG_FILE = "config.json"
 SEARCH_DEFAULTS_FILE = "search_defaults.json"
 _SEARCH_DEFAULT_KEYS = {"rerank": str, "rerank_k": int, "fusion": str, "chosen_by": str}
 # The values a model may choose (the search layer's modes and fusions are checked against these).
-SEARCH_DEFAULT_RERANKS = ("joint", "mixed", "latent", "none")  # never single: too slow to be a default
+SEARCH_DEFAULT_RERANKS = ("patch", "joint", "mixed", "latent", "none")  # never single: too slow to be a default
 MAX_DEFAULT_RERANK_K = 1000  # = indexer.search.request.MAX_RERANK_K (a test keeps them equal)
 
 # Optional: {"clip_s": 3.0, "source": ...}, the length of the clips the model was trained on.

@@ -106,6 +106,11 @@ class ModelConfig:
         return self.frame_size // self.patch
 
     @property
+    def patch_tokens(self) -> int:
+        """Video input tokens per clip (F x g x g): what the patch reranker reads per candidate."""
+        return self.frames * self.grid * self.grid
+
+    @property
     def rerank_state_width(self) -> int:
         """Floats per segment in the factorised mixed-stream state: D means + H log-normalisers."""
         return self.hidden + self.heads

@@ -1,4 +1,6 @@
-"""Training the joint reranker (pvl_search.model.joint_reranker) on frozen retrieval towers.
+"""Training a cross-encoder reranker on frozen retrieval towers: the joint reranker
+(pvl_search.model.joint_reranker, over stored latents) or the patch reranker
+(pvl_search.model.patch_reranker, over stored patch tokens).
 
 The reranker only ever sees what the search engine gives it: a query and the retrieval stage's
 own top-K candidates. So training does the same. Fresh synthetic videos (the scene stream, in
@@ -7,7 +9,8 @@ frozen model; each caption's candidates are its retrieval top-K within the chunk
 the look-alikes retrieval confuses: hard negatives by construction), its own video forced in.
 The loss is listwise over those K, on the score the search ranks by: the reranker's logit plus
 the retrieval similarity times the model's contrastive temperature (calibrated fusion), so the
-reranker learns what retrieval gets wrong, not what it already knows.
+reranker learns what retrieval gets wrong, not what it already knows; or on the logit alone
+(`fused_loss=False`), which teaches a reranker starting from nothing on every caption.
 
 Nothing the towers compute changes: retrieval R@1 is the shipped model's, whatever happens here.
 """
@@ -25,8 +28,11 @@ from torch import Tensor
 from pvl_search.data.pairs import PairSet
 from pvl_search.metrics import group_metrics, ranks_from_scores, retrieval_metrics
 from pvl_search.model.joint_reranker import JointReranker
+from pvl_search.model.patch_reranker import PatchReranker
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.ranking import ranks_after_rerank
+
+Reranker = JointReranker | PatchReranker  # both score (Q, Nt, D) text latents against (Q, K, Nv, D) video rows
 
 
 @dataclass(frozen=True)
@@ -38,13 +44,20 @@ class JointTrainConfig:
     warmup: int = 100  # steps
     weight_decay: float = 0.05
     seed: int = 0
+    # The loss reads the reranker's logit plus the retrieval term (what the search ranks by), or
+    # the logit alone: then every caption teaches it the whole match, not only retrieval's misses
+    # (the patch reranker learns nothing in its first hundreds of steps otherwise).
+    fused_loss: bool = True
+    # Of the `candidates`, this many are random videos of the chunk instead of retrieval's next
+    # best: easy negatives that teach colour and motion before the look-alikes teach shape.
+    random_candidates: int = 0
 
 
 @dataclass
 class EncodedPool:
     """A set of videos and their captions, encoded once by the frozen towers."""
 
-    video_latents: Tensor  # (V, Nv, D)
+    video_latents: Tensor  # (V, Nv, D) what the reranker reads of each video: latents, or patch tokens (bf16)
     video_embeddings: Tensor  # (V, d)
     text_latents: Tensor  # (C, Nt, D)
     text_embeddings: Tensor  # (C, d)
@@ -56,15 +69,22 @@ class EncodedPool:
 
 
 @torch.inference_mode()
-def encode_pool(model: PerceiverVL, data: PairSet, *, batch_size: int = 64, device: str = "cpu") -> EncodedPool:
-    """Every video and caption of `data` through the frozen towers (latents and embeddings)."""
+def encode_pool(model: PerceiverVL, data: PairSet, *, batch_size: int = 64, device: str = "cpu",
+                patches: bool = False) -> EncodedPool:
+    """Every video and caption of `data` through the frozen towers: embeddings, and the video's
+    latents or, with `patches`, its patch tokens (bfloat16 to halve the memory; padding frames'
+    tokens zero, as an index stores them)."""
     model.eval()
     g = torch.Generator().manual_seed(0)
     latents, embeddings = [], []
     for start in range(0, len(data), batch_size):
         frames, masks, _ = data.batch(range(start, min(len(data), start + batch_size)), g)
-        out = model.encode_video(frames.to(device), masks.to(device))
-        latents.append(out.latents.float().cpu())
+        out = model.encode_video(frames.to(device), masks.to(device), keep_inputs=patches)
+        if patches:
+            real = masks[:, :, None].expand(-1, -1, out.inputs.shape[1] // masks.shape[1]).reshape(len(masks), -1, 1)
+            latents.append((out.inputs.float().cpu() * real).to(torch.bfloat16))
+        else:
+            latents.append(out.latents.float().cpu())
         embeddings.append(out.embedding.float().cpu())
     ids, owners = data.all_captions()
     text_latents, text_embeddings = [], []
@@ -89,13 +109,25 @@ def candidate_lists(pool: EncodedPool, k: int, *, force_owner: bool) -> tuple[Te
     return top, top_sims
 
 
-def listwise_loss(reranker: JointReranker, pool: EncodedPool, rows: Tensor, candidates: Tensor, sims: Tensor,
-                  scale: float) -> Tensor:
-    """Cross-entropy of each caption's own video among its candidates, on the fused score."""
+def with_random_candidates(pool: EncodedPool, candidates: Tensor, sims: Tensor, n: int, generator: torch.Generator
+                           ) -> tuple[Tensor, Tensor]:
+    """`candidates` (C, k) and `sims` with `n` random videos (never the caption's own) appended."""
+    videos = len(pool.video_embeddings)
+    owners = torch.as_tensor(pool.owners)
+    extra = torch.randint(0, videos, (len(candidates), n), generator=generator)
+    extra = torch.where(extra == owners[:, None], (extra + 1) % videos, extra)
+    extra_sims = (pool.text_embeddings[:, None, :] * pool.video_embeddings[extra]).sum(-1)
+    return torch.cat([candidates, extra], 1), torch.cat([sims, extra_sims], 1)
+
+
+def listwise_loss(reranker: Reranker, pool: EncodedPool, rows: Tensor, candidates: Tensor, sims: Tensor,
+                  scale: float, *, fused: bool = True) -> Tensor:
+    """Cross-entropy of each caption's own video among its candidates, on the fused score (or,
+    not `fused`, on the reranker's logit alone)."""
     cand = candidates[rows]  # (B, K)
-    logits = reranker(pool.text_latents[rows], pool.video_latents[cand])  # (B, K)
+    logits = reranker(pool.text_latents[rows], pool.video_latents[cand].float())  # (B, K)
     target = (cand == torch.as_tensor(pool.owners)[rows][:, None]).float().argmax(1)
-    return F.cross_entropy(logits + scale * sims[rows], target)
+    return F.cross_entropy(logits + scale * sims[rows] if fused else logits, target)
 
 
 def batches(n: int, size: int, passes: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -106,7 +138,7 @@ def batches(n: int, size: int, passes: int, generator: torch.Generator) -> Itera
             yield order[start : start + size]
 
 
-def make_optimizer(reranker: JointReranker, cfg: JointTrainConfig, total_steps: int
+def make_optimizer(reranker: Reranker, cfg: JointTrainConfig, total_steps: int
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (decay on matrices only), linear warm-up then cosine to zero over `total_steps`."""
     decay = [p for p in reranker.parameters() if p.dim() >= 2]
@@ -123,14 +155,16 @@ def make_optimizer(reranker: JointReranker, cfg: JointTrainConfig, total_steps: 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_on_pool(reranker: JointReranker, pool: EncodedPool, cfg: JointTrainConfig, scale: float,
+def train_on_pool(reranker: Reranker, pool: EncodedPool, cfg: JointTrainConfig, scale: float,
                   optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
                   generator: torch.Generator, on_step: Callable[[float], None] | None = None) -> None:
     """`cfg.passes` passes of listwise steps over one encoded chunk."""
-    candidates, sims = candidate_lists(pool, cfg.candidates, force_owner=True)
+    candidates, sims = candidate_lists(pool, cfg.candidates - cfg.random_candidates, force_owner=True)
+    if cfg.random_candidates:
+        candidates, sims = with_random_candidates(pool, candidates, sims, cfg.random_candidates, generator)
     reranker.train()
     for rows in batches(len(pool), cfg.batch_queries, cfg.passes, generator):
-        loss = listwise_loss(reranker, pool, rows, candidates, sims, scale)
+        loss = listwise_loss(reranker, pool, rows, candidates, sims, scale, fused=cfg.fused_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(reranker.parameters(), 1.0)
@@ -141,7 +175,7 @@ def train_on_pool(reranker: JointReranker, pool: EncodedPool, cfg: JointTrainCon
 
 
 @torch.inference_mode()
-def validate(reranker: JointReranker, pool: EncodedPool, scale: float, ks: tuple[int, ...] = (16, 50)) -> dict:
+def validate(reranker: Reranker, pool: EncodedPool, scale: float, ks: tuple[int, ...] = (16, 50)) -> dict:
     """R@1, within-group top-1 and group R@1 of retrieval alone and of the joint rerank at each
     K (calibrated fusion), on an encoded validation pool (one segment per video)."""
     reranker.eval()
@@ -152,7 +186,7 @@ def validate(reranker: JointReranker, pool: EncodedPool, scale: float, ks: tuple
         fused = np.full_like(sims, -np.inf)
         for start in range(0, len(pool), 32):  # a few queries at a time: (Q, K, Nv, D) pairs
             rows = torch.arange(start, min(len(pool), start + 32))
-            logits = reranker(pool.text_latents[rows], pool.video_latents[candidates[rows]])
+            logits = reranker(pool.text_latents[rows], pool.video_latents[candidates[rows]].float())
             block = np.full((len(rows), sims.shape[1]), -np.inf)
             np.put_along_axis(block, candidates[rows].numpy(), (logits + scale * top_sims[rows]).double().numpy(), 1)
             fused[start : start + len(rows)] = block
