@@ -10,6 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cross_encoder_helpers import (
+    build_corpus,
+    check_batched_scores_equal_one_at_a_time,
+    check_eval_ranks_equal_the_searchers,
+    check_the_default_comes_from_search_defaults,
+)
 
 from pvl_search.model.checkpoint import CheckpointError
 from pvl_search.model.joint_reranker import (
@@ -39,21 +45,7 @@ def _reranker(seed: int = 0) -> JointReranker:
 
 
 def test_batched_scores_equal_one_at_a_time() -> None:
-    reranker = _reranker()
-    text = torch.randn(3, CONFIG.text_tokens, CONFIG.hidden)
-    video = torch.randn(3, 7, CONFIG.video_tokens, CONFIG.hidden)
-    with torch.inference_mode():
-        batched = reranker(text, video)  # (3 queries, 7 candidates each)
-        alone = torch.tensor([[float(reranker(text[q : q + 1], video[q : q + 1, c : c + 1])[0, 0]) for c in range(7)]
-                              for q in range(3)])
-        one_query = torch.stack([reranker.score(text[q], video[q]) for q in range(3)])
-    assert batched.shape == (3, 7)
-    assert torch.allclose(batched, alone, atol=1e-5) and torch.allclose(batched, one_query, atol=1e-6)
-    # Each candidate's score depends on that candidate and that query only.
-    swapped = video[0].flip(0)
-    with torch.inference_mode():
-        assert torch.allclose(reranker.score(text[0], swapped), batched[0].flip(0), atol=1e-5)
-        assert not torch.allclose(reranker.score(text[1], video[0]), batched[0], atol=1e-3)
+    check_batched_scores_equal_one_at_a_time(_reranker(), CONFIG.text_tokens, CONFIG.video_tokens, CONFIG.hidden)
 
 
 def test_weights_round_trip_beside_a_model(tmp_path: Path) -> None:
@@ -177,86 +169,17 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path: Path, small_run: di
 
 @pytest.fixture(scope="module")
 def joint_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A small random model with a joint reranker saved beside it, real encoded videos, a real
-    SQLite + FAISS index that keeps latents (what the joint reranker reads)."""
-    from test_latent_rerank import CAPTIONS, COLOURS, frame_fn
-
-    from indexer.encoding import ModelRunner
-    from indexer.ingest.pipeline import IndexOptions, build_index
-    from indexer.store.index_store import IndexStore
-    from pvl_search.media.sample_files import write_video
-    from pvl_search.model.checkpoint import save_model
-    from pvl_search.model.config import preset
-    from pvl_search.model.perceiver import PerceiverVL
-
-    root = tmp_path_factory.mktemp("joint-engine")
-    torch.manual_seed(0)
-    config = preset("tiny").replace(hidden=64, heads=4, latents=8, frame_size=32, patch=8, frames=4, token_dim=16)
-    model_dir = save_model(PerceiverVL(config), root / "model")
-    reranker = JointReranker(JointRerankerConfig(64, 8, 8, heads=4, layers=2))
-    torch.nn.init.normal_(reranker.head.weight)
-    save_reranker(reranker, model_dir)
-    videos = root / "videos"
-    videos.mkdir()
-    paths = [write_video(videos / f"v{i}.mp4", frame_fn=frame_fn(i), seconds=2.0, fps=4, width=48, height=40)
-             for i in range(len(COLOURS))]
-    runner = ModelRunner.from_folder(model_dir, device="cpu", dtype="float32")
-    with IndexStore(root / "index") as store:
-        build_index([videos], store, runner, IndexOptions(window_s=1.0, stride_s=1.0, workers=1, thumbnails=False,
-                                                          store_latents=True))
-    entries = [{"video_id": f"v{i}", "path": f"videos/v{i}.mp4", "split": "test", "captions": CAPTIONS[i],
-                "meta": {"group": f"g{i // 2}"}} for i in range(len(paths))]
-    (root / "captions.json").write_text(json.dumps({"videos": entries}))
-    return {"root": root, "index": root / "index", "runner": runner, "paths": paths, "model": model_dir,
-            "captions": root / "captions.json", "texts": CAPTIONS}
+    """A small random model with a joint reranker beside it and a real index that keeps latents."""
+    return build_corpus(tmp_path_factory.mktemp("joint-engine"), "joint")
 
 
 def test_eval_joint_ranks_equal_the_searchers(joint_corpus: dict) -> None:
-    from indexer.evaluate.driver import evaluate_index
-    from indexer.evaluate.report import JOINT
-    from indexer.search.searcher import Searcher
-
     assert joint_corpus["runner"].reranker is not None  # found beside the model
-    with Searcher(joint_corpus["index"], runner=joint_corpus["runner"]) as searcher:
-        report = evaluate_index(searcher, joint_corpus["captions"], rerank_ks=(2, 4), single=False,
-                                exhaustive_limit=0)
-        for k in (2, 4):
-            got = []
-            for target, texts in enumerate(joint_corpus["texts"]):
-                for text in texts:
-                    hits = searcher.search(text, k=6, rerank_k=k, rerank="joint").hits
-                    assert hits[0].best.rerank_score is not None
-                    got.append(next(h.rank for h in hits if h.path == str(joint_corpus["paths"][target])))
-            assert report.method(JOINT, k).ranks == got, k
+    check_eval_ranks_equal_the_searchers(joint_corpus)
 
 
 def test_the_default_comes_from_search_defaults(joint_corpus: dict, tmp_path: Path) -> None:
-    from indexer.encoding import ModelRunner
-    from indexer.ingest.pipeline import IndexOptions, build_index
-    from indexer.search.request import SearchError
-    from indexer.search.searcher import Searcher
-    from indexer.store.index_store import IndexStore
-
-    defaults = joint_corpus["model"] / "search_defaults.json"
-    defaults.write_text(json.dumps({"rerank": "joint", "rerank_k": 3}))
-    try:
-        runner = ModelRunner.from_folder(joint_corpus["model"], device="cpu", dtype="float32")
-    finally:
-        defaults.unlink()
-    with Searcher(joint_corpus["index"], runner=runner) as searcher:
-        result = searcher.search("a red screen", k=6)
-        assert result.rerank == "joint"
-        assert sum(h.best.rerank_score is not None for h in result.hits) <= 3  # rerank_k from the file
-        explicit = searcher.search("a red screen", k=6, rerank="joint", rerank_k=3)
-        assert [h.to_dict() for h in result.hits] == [h.to_dict() for h in explicit.hits]
-    plain = tmp_path / "index"
-    with IndexStore(plain) as store:  # an index without latents: "auto" falls back, "joint" is refused
-        build_index([joint_corpus["paths"][0]], store, runner,
-                    IndexOptions(window_s=1.0, stride_s=1.0, workers=1, thumbnails=False, store_latents=False))
-    with Searcher(plain, runner=runner) as searcher:
-        assert searcher.search("red").rerank == "mixed"
-        with pytest.raises(SearchError, match="keeps no latents"):
-            searcher.search("red", rerank="joint")
+    check_the_default_comes_from_search_defaults(joint_corpus, tmp_path)
 
 
 def test_search_defaults_are_checked_when_the_model_loads(tmp_path: Path) -> None:

@@ -14,6 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cross_encoder_helpers import (
+    build_corpus,
+    check_batched_scores_equal_one_at_a_time,
+    check_eval_ranks_equal_the_searchers,
+    check_the_default_comes_from_search_defaults,
+)
 from index_helpers import cli, cli_env, pvl_search, wait_until_stopped
 
 from pvl_search.model.checkpoint import CheckpointError
@@ -37,19 +43,7 @@ def _reranker(seed: int = 0, config: PatchRerankerConfig = CONFIG) -> PatchReran
 
 
 def test_batched_scores_equal_one_at_a_time() -> None:
-    reranker = _reranker()
-    text = torch.randn(3, CONFIG.text_tokens, CONFIG.hidden)
-    video = torch.randn(3, 7, CONFIG.video_tokens, CONFIG.hidden)
-    with torch.inference_mode():
-        batched = reranker(text, video)  # (3 queries, 7 candidates each)
-        alone = torch.tensor([[float(reranker(text[q : q + 1], video[q : q + 1, c : c + 1])[0, 0]) for c in range(7)]
-                              for q in range(3)])
-        one_query = torch.stack([reranker.score(text[q], video[q]) for q in range(3)])
-    assert batched.shape == (3, 7)
-    assert torch.allclose(batched, alone, atol=1e-5) and torch.allclose(batched, one_query, atol=1e-6)
-    with torch.inference_mode():  # a candidate's score depends on that candidate and that query only
-        assert torch.allclose(reranker.score(text[0], video[0].flip(0)), batched[0].flip(0), atol=1e-5)
-        assert not torch.allclose(reranker.score(text[1], video[0]), batched[0], atol=1e-3)
+    check_batched_scores_equal_one_at_a_time(_reranker(), CONFIG.text_tokens, CONFIG.video_tokens, CONFIG.hidden)
 
 
 def test_masked_patch_tokens_change_nothing() -> None:
@@ -132,35 +126,9 @@ def test_training_reads_what_pooled_vectors_cannot_tell_apart() -> None:
 
 @pytest.fixture(scope="module")
 def patch_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A small random model with a patch reranker saved beside it, real encoded videos, and a
-    real SQLite + FAISS index built with the defaults (which keep patch tokens for it)."""
-    from test_latent_rerank import CAPTIONS, COLOURS, frame_fn
-
-    from indexer.encoding import ModelRunner
-    from indexer.ingest.pipeline import IndexOptions, build_index
-    from indexer.store.index_store import IndexStore
-    from pvl_search.media.sample_files import write_video
-    from pvl_search.model.checkpoint import save_model
-    from pvl_search.model.config import preset
-    from pvl_search.model.perceiver import PerceiverVL
-
-    root = tmp_path_factory.mktemp("patch-engine")
-    torch.manual_seed(0)
-    config = preset("tiny").replace(hidden=64, heads=4, latents=8, frame_size=32, patch=8, frames=4, token_dim=16)
-    model_dir = save_model(PerceiverVL(config), root / "model")
-    save_patch_reranker(_reranker(3, PatchRerankerConfig(64, 8, config.patch_tokens, width=16, heads=4)), model_dir)
-    videos = root / "videos"
-    videos.mkdir()
-    paths = [write_video(videos / f"v{i}.mp4", frame_fn=frame_fn(i), seconds=2.0, fps=4, width=48, height=40)
-             for i in range(len(COLOURS))]
-    runner = ModelRunner.from_folder(model_dir, device="cpu", dtype="float32")
-    with IndexStore(root / "index") as store:
-        build_index([videos], store, runner, IndexOptions(window_s=1.0, stride_s=1.0, workers=1, thumbnails=False))
-    entries = [{"video_id": f"v{i}", "path": f"videos/v{i}.mp4", "split": "test", "captions": CAPTIONS[i],
-                "meta": {"group": f"g{i // 2}"}} for i in range(len(paths))]
-    (root / "captions.json").write_text(json.dumps({"videos": entries}))
-    return {"root": root, "index": root / "index", "runner": runner, "paths": paths, "model": model_dir,
-            "videos": videos, "captions": root / "captions.json", "texts": CAPTIONS, "config": config}
+    """A small random model with a patch reranker beside it and a real index built with the
+    defaults (which keep patch tokens for it)."""
+    return build_corpus(tmp_path_factory.mktemp("patch-engine"), "patch")
 
 
 def test_the_index_keeps_the_patch_tokens_the_model_computes(patch_corpus: dict) -> None:
@@ -181,51 +149,12 @@ def test_the_index_keeps_the_patch_tokens_the_model_computes(patch_corpus: dict)
 
 
 def test_eval_patch_ranks_equal_the_searchers(patch_corpus: dict) -> None:
-    from indexer.evaluate.driver import evaluate_index
-    from indexer.evaluate.report import PATCH
-    from indexer.search.searcher import Searcher
-
     assert patch_corpus["runner"].patch_reranker is not None  # found beside the model
-    with Searcher(patch_corpus["index"], runner=patch_corpus["runner"]) as searcher:
-        report = evaluate_index(searcher, patch_corpus["captions"], rerank_ks=(2, 4), single=False,
-                                exhaustive_limit=0)
-        for k in (2, 4):
-            got = []
-            for target, texts in enumerate(patch_corpus["texts"]):
-                for text in texts:
-                    hits = searcher.search(text, k=6, rerank_k=k, rerank="patch").hits
-                    assert hits[0].best.rerank_score is not None
-                    got.append(next(h.rank for h in hits if h.path == str(patch_corpus["paths"][target])))
-            assert report.method(PATCH, k).ranks == got, k
+    check_eval_ranks_equal_the_searchers(patch_corpus)
 
 
 def test_the_default_comes_from_search_defaults(patch_corpus: dict, tmp_path: Path) -> None:
-    from indexer.encoding import ModelRunner
-    from indexer.ingest.pipeline import IndexOptions, build_index
-    from indexer.search.request import SearchError
-    from indexer.search.searcher import Searcher
-    from indexer.store.index_store import IndexStore
-
-    defaults = patch_corpus["model"] / "search_defaults.json"
-    defaults.write_text(json.dumps({"rerank": "patch", "rerank_k": 3}))
-    try:
-        runner = ModelRunner.from_folder(patch_corpus["model"], device="cpu", dtype="float32")
-    finally:
-        defaults.unlink()
-    with Searcher(patch_corpus["index"], runner=runner) as searcher:
-        result = searcher.search("a red screen", k=6)
-        assert result.rerank == "patch"
-        assert sum(h.best.rerank_score is not None for h in result.hits) <= 3  # rerank_k from the file
-        explicit = searcher.search("a red screen", k=6, rerank="patch", rerank_k=3)
-        assert [h.to_dict() for h in result.hits] == [h.to_dict() for h in explicit.hits]
-    plain = tmp_path / "index"
-    with IndexStore(plain) as store:  # an index without patch tokens: "auto" falls back, "patch" is refused
-        build_index([patch_corpus["paths"][0]], store, runner,
-                    IndexOptions(window_s=1.0, stride_s=1.0, workers=1, thumbnails=False, store_patches=False))
-    with Searcher(plain, runner=runner) as searcher:
-        assert searcher.search("red").rerank == "mixed"
-        with pytest.raises(SearchError, match="keeps no patch tokens.*--store-patches"):
-            searcher.search("red", rerank="patch")
+    check_the_default_comes_from_search_defaults(patch_corpus, tmp_path)
 
 
 def test_a_killed_index_run_leaves_the_patch_tokens_a_whole_run_writes(patch_corpus: dict, tmp_path: Path) -> None:

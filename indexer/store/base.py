@@ -266,19 +266,17 @@ class StoreBase(ABC):
 
     def latents(self, ids: Any) -> np.ndarray:
         """Full latents of segments `ids`, float32 (K, N, D); only if the index keeps them."""
-        layout = self._require_layout()
-        if layout.latent_shape is None or self.latent_store is None:
-            raise IndexStoreError(f"index {self.directory} keeps no latents")
-        rows = self.latent_store.get(self._committed_ids(ids))
-        return rows.reshape(len(rows), *layout.latent_shape)
+        return self._token_rows(ids, self.latent_store, self._require_layout().latent_shape, "latents")
 
     def patch_tokens(self, ids: Any) -> np.ndarray:
         """Patch tokens of segments `ids`, float32 (K, M, D); only if the index keeps them."""
-        layout = self._require_layout()
-        if layout.patch_shape is None or self.patch_store is None:
-            raise IndexStoreError(f"index {self.directory} keeps no patch tokens")
-        rows = self.patch_store.get(self._committed_ids(ids))
-        return rows.reshape(len(rows), *layout.patch_shape)
+        return self._token_rows(ids, self.patch_store, self._require_layout().patch_shape, "patch tokens")
+
+    def _token_rows(self, ids: Any, store: RowStore | None, shape: tuple[int, int] | None, what: str) -> np.ndarray:
+        if shape is None or store is None:
+            raise IndexStoreError(f"index {self.directory} keeps no {what}")
+        rows = store.get(self._committed_ids(ids))
+        return rows.reshape(len(rows), *shape)
 
     def _require(self, store: RowStore | None) -> RowStore:
         if store is None:

@@ -20,14 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pvl_search.model.layers import MLP, attend, merge_heads, split_heads
+from pvl_search.model.side_weights import load_beside, save_beside
 
 RERANKER_DIR = "reranker"  # inside a model folder
-RERANKER_CONFIG = "config.json"
-RERANKER_WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -114,27 +112,12 @@ class JointReranker(nn.Module):
 
 def save_reranker(reranker: JointReranker, model_folder: str | Path) -> Path:
     """Write the reranker into `model_folder/reranker/` (config + float32 safetensors)."""
-    folder = Path(model_folder) / RERANKER_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / RERANKER_CONFIG).write_text(reranker.config.to_json())
-    state = {k: v.detach().float().contiguous() for k, v in reranker.state_dict().items()}
-    save_file(state, str(folder / RERANKER_WEIGHTS))
-    return folder
+    return save_beside(reranker, reranker.config.to_json(), model_folder, RERANKER_DIR)
 
 
 def load_reranker(model_folder: str | Path, *, device: str | torch.device = "cpu") -> JointReranker | None:
     """The joint reranker stored beside a model, or None when the folder has none."""
-    folder = Path(model_folder) / RERANKER_DIR
-    if not (folder / RERANKER_CONFIG).is_file():
-        return None
-    from safetensors import SafetensorError
+    def build(config: dict) -> JointReranker:
+        return JointReranker(JointRerankerConfig(**config))
 
-    from pvl_search.model.checkpoint import CheckpointError
-
-    try:
-        config = JointRerankerConfig(**json.loads((folder / RERANKER_CONFIG).read_text()))
-        reranker = JointReranker(config)
-        reranker.load_state_dict(load_file(str(folder / RERANKER_WEIGHTS)))
-    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
-        raise CheckpointError(f"{folder}: not a joint reranker ({str(exc).splitlines()[0]})") from None
-    return reranker.to(device).eval()
+    return load_beside(model_folder, RERANKER_DIR, build, "a joint reranker", device=device)

@@ -23,14 +23,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pvl_search.model.layers import MLP, attend, merge_heads, split_heads
+from pvl_search.model.side_weights import load_beside, save_beside
 
 PATCH_RERANKER_DIR = "patch-reranker"  # inside a model folder
-PATCH_RERANKER_CONFIG = "config.json"
-PATCH_RERANKER_WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -130,27 +128,12 @@ class PatchReranker(nn.Module):
 
 def save_patch_reranker(reranker: PatchReranker, model_folder: str | Path) -> Path:
     """Write the reranker into `model_folder/patch-reranker/` (config + float32 safetensors)."""
-    folder = Path(model_folder) / PATCH_RERANKER_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / PATCH_RERANKER_CONFIG).write_text(reranker.config.to_json())
-    state = {k: v.detach().float().contiguous() for k, v in reranker.state_dict().items()}
-    save_file(state, str(folder / PATCH_RERANKER_WEIGHTS))
-    return folder
+    return save_beside(reranker, reranker.config.to_json(), model_folder, PATCH_RERANKER_DIR)
 
 
 def load_patch_reranker(model_folder: str | Path, *, device: str | torch.device = "cpu") -> PatchReranker | None:
     """The patch reranker stored beside a model, or None when the folder has none."""
-    folder = Path(model_folder) / PATCH_RERANKER_DIR
-    if not (folder / PATCH_RERANKER_CONFIG).is_file():
-        return None
-    from safetensors import SafetensorError
+    def build(config: dict) -> PatchReranker:
+        return PatchReranker(PatchRerankerConfig(**config))
 
-    from pvl_search.model.checkpoint import CheckpointError
-
-    try:
-        config = PatchRerankerConfig(**json.loads((folder / PATCH_RERANKER_CONFIG).read_text()))
-        reranker = PatchReranker(config)
-        reranker.load_state_dict(load_file(str(folder / PATCH_RERANKER_WEIGHTS)))
-    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
-        raise CheckpointError(f"{folder}: not a patch reranker ({str(exc).splitlines()[0]})") from None
-    return reranker.to(device).eval()
+    return load_beside(model_folder, PATCH_RERANKER_DIR, build, "a patch reranker", device=device)
