@@ -164,6 +164,30 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path: Path, small_run: di
         run_joint_training(run("new"), resume=True)
 
 
+def test_a_run_starts_from_init_weights(tmp_path: Path, small_run: dict) -> None:
+    """--init: with a learning rate of 0 the run ends where it started, on the given weights."""
+    from pvl_search.model.patch_reranker import load_patch_reranker, save_patch_reranker
+    from pvl_search.training.joint_recipe import JointRun, new_reranker, run_joint_training
+
+    def run(out: str, init: Path | None) -> JointRun:
+        return JointRun(model_dir=str(small_run["model"]), captions=str(small_run["captions"]),
+                        out=str(tmp_path / out), stream_seed=5, heldout_seed=0, chunks=1, groups_per_chunk=2,
+                        train=JointTrainConfig(candidates=4, batch_queries=4, lr=0.0, warmup=0, fused_loss=False),
+                        kind="patch", width=8, init=None if init is None else str(init))
+
+    from pvl_search.model.checkpoint import load_model
+
+    torch.manual_seed(7)
+    start = new_reranker(run("x", None), load_model(small_run["model"]).config)
+    save_patch_reranker(start, tmp_path / "start")
+    run_joint_training(run("from-init", tmp_path / "start"))
+    ended = load_patch_reranker(tmp_path / "from-init" / "last")
+    for (name, a), b in zip(start.state_dict().items(), ended.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="holds no patch reranker"):
+        run_joint_training(run("bad-init", tmp_path / "from-init"))
+
+
 # -- in the engine: a real index, the searcher and eval -------------------------------------------
 
 
