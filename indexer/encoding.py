@@ -3,6 +3,7 @@ things an index stores per segment, and queries -> what the searcher needs per q
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pvl_search.media.video import to_model_input
 from pvl_search.model.checkpoint import load_clip_seconds, load_model, load_search_defaults, weights_fingerprint
 from pvl_search.model.defaults import DEFAULT_MODEL_DIR, pick_device
 from pvl_search.model.joint_reranker import JointReranker, load_reranker
+from pvl_search.model.packed_linear import can_pack, pack_linears
 from pvl_search.model.patch_reranker import PatchReranker, load_patch_reranker
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
@@ -54,6 +56,7 @@ class ModelRunner:
         reranker: JointReranker | None = None,
         clip_s: float | None = None,
         patch_reranker: PatchReranker | None = None,
+        pack_weights: bool = True,
     ) -> None:
         self.device = pick_device(device)
         self.clip_s = clip_s  # the clip length it was trained on (clip.json): index windows follow it
@@ -62,6 +65,11 @@ class ModelRunner:
         # What leaves the runner is float32 either way, so indexes stay comparable.
         self.dtype = choose_dtype(dtype, self.device)
         self.model = model.to(self.device, self.dtype).eval()
+        if pack_weights and can_pack(self.device, self.dtype):  # encoder weights reordered once, same results
+            self.model = copy.deepcopy(self.model)  # on a copy: the caller's model stays a plain module
+            with torch.inference_mode():
+                pack_linears(self.model.encoder, model.config.latents)
+                pack_linears(self.model.text_embed.mixer, model.config.text_length)
         self.config = model.config
         self.fingerprint = fingerprint
         self.retrieval_scale = model.retrieval_scale  # fuses rerank logits with similarities
