@@ -63,8 +63,8 @@ def index(
              "a latent reranker, else no; an existing index keeps its choice.")] = None,
     store_patches: Annotated[bool | None, typer.Option("--store-patches/--no-store-patches",
         help="Store the patch tokens of every segment (the patch reranker reads them; 512 x 192 float16 values, "
-             "196 KB a segment, for the shipped model). Default: yes for a model with a patch reranker; an existing index keeps its "
-             "choice.")] = None,
+             "196 KB a segment, for the tiny model). Default: yes for a model with a patch reranker; an existing "
+             "index keeps its choice.")] = None,
     faiss_factory: Annotated[str | None, typer.Option(help="FAISS factory string, e.g. HNSW32 (default: exact, "
                                                            "switching to IVF past 50k segments); a new index "
                                                            "only.")] = None,
