@@ -59,9 +59,10 @@ def test_a_bfloat16_runner_gives_float32_outputs_close_to_float32() -> None:
     model = PerceiverVL(preset("tiny").replace(hidden=64, heads=4, latents=8, frame_size=32, patch=8, frames=4,
                                                token_dim=16))
     texts = ["a red square moves left", "blue", "two things swap colours"]
+    twin = PerceiverVL(model.config).eval()
+    twin.load_state_dict(model.state_dict())  # same weights; the runner casts them (and packs its encoder)
     exact = ModelRunner(model, "f", device="cpu", dtype="float32")
-    fast = ModelRunner(PerceiverVL(model.config).eval(), "f", device="cpu", dtype="bfloat16")
-    fast.model.load_state_dict(exact.model.state_dict())  # same weights, cast on load
+    fast = ModelRunner(twin, "f", device="cpu", dtype="bfloat16")
     assert exact.dtype_name == "float32" and fast.dtype_name == "bfloat16"
     assert next(fast.model.parameters()).dtype == torch.bfloat16
     a, b = exact.encode_queries(texts), fast.encode_queries(texts)
