@@ -2,8 +2,8 @@
 against the encoder's, as ratios in one run (issue #25).
 
 - `Linear` layers of a base query's shapes (128 latents × 768 ↔ 3072), float32 against
-  bfloat16, and bfloat16 with oneDNN-prepacked weights (`torch.ops.mkldnn._linear_pointwise`,
-  the path torch.compile's freezing takes): ms and GFLOP/s;
+  bfloat16, and bfloat16 with oneDNN-prepacked weights (pvl_search/model/packed_linear.py, what
+  the runner uses): ms and GFLOP/s;
 - the base text encoder (random weights: the cost does not depend on them), one query at a time,
   p50 over `--queries` queries × `--rounds` rounds in each of the three forms, the forms
   alternated per round.
@@ -28,28 +28,9 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pvl_search.model.packed_linear import PackedLinear, pack_linears  # noqa: E402
+
 SHAPES = ((128, 768, 768), (128, 768, 3072), (128, 3072, 768), (128, 768, 2304))
-
-
-class PackedLinear(nn.Module):
-    """A bfloat16 Linear whose weight oneDNN reordered once, for `rows`-row inputs."""
-
-    def __init__(self, linear: nn.Linear, rows: int) -> None:
-        super().__init__()
-        self.out_features = linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
-        self.bias = None if linear.bias is None else linear.bias.detach()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        return torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "").reshape(
-            *x.shape[:-1], self.out_features)
-
-
-def pack(module: nn.Module, rows: int) -> nn.Module:
-    for name, child in module.named_children():
-        setattr(module, name, PackedLinear(child, rows)) if isinstance(child, nn.Linear) else pack(child, rows)
-    return module
 
 
 def per_call_ms(fn, repeats: int = 100) -> float:  # noqa: ANN001 - a callable
@@ -85,7 +66,7 @@ def main() -> None:
             linear = nn.Linear(fan_in, fan_out).eval()
             x = torch.randn(rows, fan_in)
             xb, wb, bb = x.bfloat16(), linear.weight.bfloat16(), linear.bias.bfloat16()
-            packed = PackedLinear(nn.Linear(fan_in, fan_out).bfloat16(), rows)
+            packed = PackedLinear(nn.Linear(fan_in, fan_out).bfloat16(), rows)  # the runner's layer
             f32 = per_call_ms(lambda: linear(x))  # noqa: B023 - called within the iteration
             b16 = per_call_ms(lambda: nn.functional.linear(xb, wb, bb))  # noqa: B023
             pk = per_call_ms(lambda: packed(xb))  # noqa: B023
@@ -104,7 +85,7 @@ def main() -> None:
         model.load_state_dict(forms["float32"].state_dict())
         forms[name] = model.bfloat16()
     with torch.inference_mode():
-        pack(forms["packed bfloat16"].encoder, forms["float32"].config.latents)
+        pack_linears(forms["packed bfloat16"].encoder, forms["float32"].config.latents)
     tokenizer = Tokenizer(forms["float32"].config.text_length)
     queries = [tokenizer.encode([f"a person number {i} is cooking pasta in a small kitchen"])[0]
                for i in range(args.queries)]

@@ -17,7 +17,7 @@ from pvl_search.model.checkpoint import load_clip_seconds, load_model, load_sear
 from pvl_search.model.defaults import DEFAULT_MODEL_DIR, pick_device
 from pvl_search.model.joint_reranker import JointReranker, load_reranker
 from pvl_search.model.packed_linear import can_pack, pack_linears
-from pvl_search.model.patch_reranker import PatchReranker, load_patch_reranker
+from pvl_search.model.patch_reranker import PatchReranker, load_patch_reranker, real_patches, stored_patch_tokens
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.model.tokenizer import Tokenizer
 from pvl_search.precision import DtypeChoice, choose_dtype, dtype_name
@@ -110,10 +110,7 @@ class ModelRunner:
         out = self.model.encode_video(x, m, cross_layers=self.cross_layers, keep_inputs=keep_patches)
         states = self.model.rerank_state(out.latents)
         latents = out.latents.float().flatten(1).cpu().numpy() if keep_latents else None
-        patches = None
-        if keep_patches:  # padding frames' tokens stored as exact zeros: `patch_scores` masks them
-            real = m[:, :, None].expand(-1, -1, out.inputs.shape[1] // m.shape[1]).reshape(m.shape[0], -1, 1)
-            patches = (out.inputs.float() * real).flatten(1).cpu().numpy()
+        patches = stored_patch_tokens(out.inputs, m).flatten(1).cpu().numpy() if keep_patches else None
         return EncodedClips(out.embedding.cpu().numpy(), states.cpu().numpy(), latents, patches)
 
     @torch.inference_mode()
@@ -201,8 +198,7 @@ class ModelRunner:
         q = torch.as_tensor(query_latents, device=self.device).to(self.dtype)
         c = torch.as_tensor(candidate_patches, device=self.device)
         c = c.reshape(len(candidate_patches), -1, self.config.hidden)
-        real = c.abs().amax(-1) > 0  # (K, M): a padding frame's tokens were stored as zeros
-        return self.patch_reranker.score(q, c.to(self.dtype), real).cpu().numpy()
+        return self.patch_reranker.score(q, c.to(self.dtype), real_patches(c)).cpu().numpy()
 
     @torch.inference_mode()
     def single_scores(self, frames: np.ndarray, masks: np.ndarray, text: str) -> np.ndarray:

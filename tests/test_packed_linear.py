@@ -5,14 +5,17 @@ does not: same embeddings, same rerank states, same latents."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
 from pvl_search.model.packed_linear import PackedLinear, can_pack, pack_linears
 
-pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16),
-                                reason="this torch has no oneDNN linear operators")
+
+def test_packing_applies_to_bfloat16_on_the_cpu_only() -> None:
+    # The project pins a torch with oneDNN's linear operators: if one loses them, this says so.
+    assert can_pack(torch.device("cpu"), torch.bfloat16)
+    assert not can_pack(torch.device("cpu"), torch.float32)
+    assert not can_pack(torch.device("cuda"), torch.bfloat16)
 
 
 def test_a_packed_layer_equals_the_plain_one_for_any_rows() -> None:

@@ -126,6 +126,19 @@ class PatchReranker(nn.Module):
         return self(text_latents[None], patch_tokens[None], None if patch_mask is None else patch_mask[None])[0]
 
 
+def stored_patch_tokens(inputs: Tensor, frame_mask: Tensor) -> Tensor:
+    """The model's input tokens (B, F * g * g, D) as an index stores them for this reranker:
+    float32, a padding frame's tokens exact zeros (`real_patches` finds them again)."""
+    b, frames = frame_mask.shape
+    real = frame_mask[:, :, None].expand(b, frames, inputs.shape[1] // frames).reshape(b, -1, 1)
+    return inputs.float() * real.to(inputs.device)
+
+
+def real_patches(patch_tokens: Tensor) -> Tensor:
+    """(..., M, D) stored patch tokens -> (..., M) True for a real frame's token (not zeros)."""
+    return patch_tokens.abs().amax(-1) > 0
+
+
 def save_patch_reranker(reranker: PatchReranker, model_folder: str | Path) -> Path:
     """Write the reranker into `model_folder/patch-reranker/` (config + float32 safetensors)."""
     return save_beside(reranker, reranker.config.to_json(), model_folder, PATCH_RERANKER_DIR)

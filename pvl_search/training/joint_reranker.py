@@ -28,7 +28,7 @@ from torch import Tensor
 from pvl_search.data.pairs import PairSet
 from pvl_search.metrics import group_metrics, ranks_from_scores, retrieval_metrics
 from pvl_search.model.joint_reranker import JointReranker
-from pvl_search.model.patch_reranker import PatchReranker
+from pvl_search.model.patch_reranker import PatchReranker, stored_patch_tokens
 from pvl_search.model.perceiver import PerceiverVL
 from pvl_search.ranking import ranks_after_rerank
 
@@ -81,8 +81,7 @@ def encode_pool(model: PerceiverVL, data: PairSet, *, batch_size: int = 64, devi
         frames, masks, _ = data.batch(range(start, min(len(data), start + batch_size)), g)
         out = model.encode_video(frames.to(device), masks.to(device), keep_inputs=patches)
         if patches:
-            real = masks[:, :, None].expand(-1, -1, out.inputs.shape[1] // masks.shape[1]).reshape(len(masks), -1, 1)
-            latents.append((out.inputs.float().cpu() * real).to(torch.bfloat16))
+            latents.append(stored_patch_tokens(out.inputs, masks).cpu().to(torch.bfloat16))
         else:
             latents.append(out.latents.float().cpu())
         embeddings.append(out.embedding.float().cpu())
