@@ -194,7 +194,8 @@ def search(
         help=f"Segments retrieved by FAISS and reranked. Default: the model's choice (its search_defaults.json), "
              f"else {DEFAULT_RERANK_K}.")] = None,
     rerank: Annotated[RerankMode, typer.Option(
-        help="auto (the reranker the model's validation chose), patch (a cross-encoder: the query reads each "
+        help="auto (the reranker the model's validation chose), stacked (latent + patch logits, the patch one "
+             "weighted by the model's search_defaults.json), patch (a cross-encoder: the query reads each "
              "candidate's stored patch tokens), joint (a cross-encoder over the query's and the "
              "stored video latents), mixed (the paper's [CLS] decoder from stored rerank states), latent (query "
              "latents attend over stored video latents), single (decode again; slow), none.")] = "auto",

@@ -121,8 +121,9 @@ def _add_search_route(app: FastAPI, searcher: Searcher, batcher: QueryBatcher, g
         rerank_k: Annotated[int | None, Query(description=f"Segments retrieved and reranked (1 to {MAX_RERANK_K}; "
                                               f"default: the model's choice, else {DEFAULT_RERANK_K}).")] = None,
         rerank: Annotated[str, Query(
-            description=f"{', '.join(RERANK_MODES)}: auto (the reranker the model's validation chose), patch (a "
-            f"cross-encoder: the query reads each candidate's stored patch tokens), joint (a "
+            description=f"{', '.join(RERANK_MODES)}: auto (the reranker the model's validation chose), stacked "
+            f"(latent + weighted patch logits), patch (a cross-encoder: the query reads each candidate's stored "
+            f"patch tokens), joint (a "
             f"cross-encoder over the query's and the stored video latents), mixed "
             f"(the paper's [CLS] decoder, stored states), latent (query latents over stored video latents), "
             f"single (decodes again; rerank_k <= {MAX_SINGLE_RERANK_K}), none."

@@ -13,10 +13,15 @@ import torch
 from test_latent_rerank import CAPTIONS, COLOURS, frame_fn
 
 # Per reranker: the option that keeps its rows, and the words of its refusal without them.
-KEPT = {"joint": ("store_latents", "keeps no latents"), "patch": ("store_patches", "keeps no patch tokens")}
+KEPT = {"joint": ("store_latents", "keeps no latents"), "patch": ("store_patches", "keeps no patch tokens"),
+        "stacked": ("store_patches", "keeps no patch tokens")}
+# What "auto" falls back to on an index without those rows (stacked's model has a latent reranker).
+FALLBACK = {"joint": "mixed", "patch": "mixed", "stacked": "latent"}
 
 
 def build_corpus(root: Path, kind: str) -> dict:
+    """`kind` joint or patch: a model with that reranker beside it; stacked: a patch reranker
+    beside a model with a latent reranker too."""
     from indexer.encoding import ModelRunner
     from indexer.ingest.pipeline import IndexOptions, build_index
     from indexer.store.index_store import IndexStore
@@ -28,8 +33,12 @@ def build_corpus(root: Path, kind: str) -> dict:
     from pvl_search.model.perceiver import PerceiverVL
 
     torch.manual_seed(0)
-    config = preset("tiny").replace(hidden=64, heads=4, latents=8, frame_size=32, patch=8, frames=4, token_dim=16)
-    model_dir = save_model(PerceiverVL(config), root / "model")
+    config = preset("tiny").replace(hidden=64, heads=4, latents=8, frame_size=32, patch=8, frames=4, token_dim=16,
+                                    latent_reranker=kind == "stacked")
+    model = PerceiverVL(config)
+    if model.latent_reranker is not None:
+        torch.nn.init.normal_(model.latent_reranker.head.weight)  # a fresh head scores 0 everywhere
+    model_dir = save_model(model, root / "model")
     if kind == "joint":
         reranker = JointReranker(JointRerankerConfig(64, 8, 8, heads=4, layers=2))
         save = save_reranker
@@ -114,6 +123,6 @@ def check_the_default_comes_from_search_defaults(corpus: dict, tmp_path: Path) -
         build_index([corpus["paths"][0]], store, runner,
                     IndexOptions(window_s=1.0, stride_s=1.0, workers=1, thumbnails=False, **{option: False}))
     with Searcher(plain, runner=runner) as searcher:
-        assert searcher.search("red").rerank == "mixed"
+        assert searcher.search("red").rerank == FALLBACK[kind]
         with pytest.raises(SearchError, match=f"{refusal}.*--{option.replace('_', '-')}"):
             searcher.search("red", rerank=kind)

@@ -56,6 +56,7 @@ from indexer.evaluate.report import (
     MULTI,
     PATCH,
     SINGLE,
+    STACKED,
     EvalError,
     EvalProgress,
     EvalReport,
@@ -66,6 +67,7 @@ from indexer.search.rerankers import (
     joint_rerank_available,
     latent_rerank_available,
     patch_rerank_available,
+    stacked_rerank_available,
     stored_scores,
 )
 from indexer.search.searcher import Searcher
@@ -270,7 +272,8 @@ class _QueryScorer:
         self.runner, self.store, self.corpus, self.plan, self.cache = runner, store, corpus, plan, cache
         # The rerankers that score from stored rows, as this model and index allow.
         self.stored_methods = [MIXED] + [LATENT] * latent_rerank_available(runner, store) \
-            + [JOINT] * joint_rerank_available(runner, store) + [PATCH] * patch_rerank_available(runner, store)
+            + [JOINT] * joint_rerank_available(runner, store) + [PATCH] * patch_rerank_available(runner, store) \
+            + [STACKED] * stacked_rerank_available(runner, store)
         _warm_up(runner, store, corpus, single_stream=plan.depth > 0)
 
     def _logits(self, method: str, encoded: object, cand: np.ndarray) -> np.ndarray:

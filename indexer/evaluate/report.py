@@ -9,7 +9,7 @@ from typing import Any
 from pvl_search.metrics import PairedChange, RetrievalMetrics, paired_top1_change
 
 MULTI, MIXED, LATENT, JOINT, SINGLE, EXHAUSTIVE = "multi", "mixed", "latent", "joint", "single", "single-exhaustive"
-PATCH = "patch"
+PATCH, STACKED = "patch", "stacked"
 DEFAULT_RERANK_KS = (8, 16, 32, 64, 128)
 ROW_HEADER = ("method", "K", "R@1", "R@5", "R@10", "MdR", "MnR", "p50 ms", "p95 ms")
 

@@ -17,8 +17,8 @@ from typing import Literal
 from pvl_search.ranking import FUSIONS, Fusion
 
 # auto: the reranker the model's validation chose (its search_defaults.json), else mixed.
-RerankMode = Literal["auto", "patch", "joint", "mixed", "latent", "single", "none"]
-RERANK_MODES: tuple[str, ...] = ("auto", "patch", "joint", "mixed", "latent", "single", "none")
+RerankMode = Literal["auto", "stacked", "patch", "joint", "mixed", "latent", "single", "none"]
+RERANK_MODES: tuple[str, ...] = ("auto", "stacked", "patch", "joint", "mixed", "latent", "single", "none")
 
 DEFAULT_K = 10  # videos per answer
 # Segments reranked and the fusion, when neither the request nor the model's

@@ -4,6 +4,9 @@ one rule that the searcher, the server's gates and `eval` share.
 - ``auto`` resolves to the reranker the model's validation chose (its folder's
   search_defaults.json) when this index can run it, else ``latent`` where it can run, else
   ``mixed``;
+- ``stacked`` adds the latent and the patch reranker's logits (the patch one weighted by the
+  model's search_defaults.json ``patch_weight``): the two read different stores and make
+  different mistakes, so their sum beat either alone on validation (the model card);
 - ``patch`` lets the query's text latents read each candidate's stored patch tokens (the
   cross-encoder shipped beside the model, pvl_search.model.patch_reranker);
 - ``joint`` reads the query's text latents and each candidate's stored video latents together
@@ -41,23 +44,36 @@ def patch_rerank_available(runner: ModelRunner, store: StoreBase) -> bool:
     return runner.patch_reranker is not None and layout is not None and layout.keeps_patches
 
 
+def stacked_rerank_available(runner: ModelRunner, store: StoreBase) -> bool:
+    """Whether the stacked reranker can run: both the latent and the patch reranker can."""
+    return latent_rerank_available(runner, store) and patch_rerank_available(runner, store)
+
+
 def rerank_mode(requested: str, runner: ModelRunner, store: StoreBase) -> str:
-    """The reranker a request gets (see the module doc); SearchError when `latent`, `joint` or
-    `patch` is asked for and cannot run here."""
+    """The reranker a request gets (see the module doc); SearchError when `latent`, `joint`,
+    `patch` or `stacked` is asked for and cannot run here."""
     available = {"latent": latent_rerank_available(runner, store), "joint": joint_rerank_available(runner, store),
-                 "patch": patch_rerank_available(runner, store)}
+                 "patch": patch_rerank_available(runner, store), "stacked": stacked_rerank_available(runner, store)}
     if requested == "auto":
         chosen = runner.search_defaults.get("rerank", "mixed")
         if available.get(chosen, True):
             return chosen
         return "latent" if available["latent"] else "mixed"  # e.g. an index built without patch tokens
-    if not available.get(requested, True):
+    # stacked needs both halves: the one that cannot run says why.
+    needed = requested if requested != "stacked" else "latent" if not available["latent"] else "patch"
+    if not available.get(needed, True):
         has = {"latent": runner.model.latent_reranker, "joint": runner.reranker, "patch": runner.patch_reranker}
-        kept, option = ("patch tokens", "--store-patches") if requested == "patch" else ("latents", "--store-latents")
-        why = f"the model has no {requested} reranker" if has[requested] is None else \
+        kept, option = ("patch tokens", "--store-patches") if needed == "patch" else ("latents", "--store-latents")
+        why = f"the model has no {needed} reranker" if has[needed] is None else \
             f"this index keeps no {kept} (index it with {option})"
         raise SearchError(f"rerank={requested} is not available: {why}", "rerank")
     return requested
+
+
+def patch_weight(runner: ModelRunner) -> float:
+    """The patch reranker's weight in the stacked sum: the model's search_defaults.json
+    `patch_weight`, else 1."""
+    return float(runner.search_defaults.get("patch_weight", 1.0))
 
 
 def with_model_defaults(request: SearchRequest, runner: ModelRunner, mode: str) -> SearchRequest:
@@ -75,7 +91,8 @@ def stored_scores(
     ids: np.ndarray,
 ) -> np.ndarray:
     """Rerank logits of one query against the segments `ids`, from what the index stored:
-    `mode` mixed (the query's rerank state, (D + H,)), latent, joint or patch (its latents, (N, D))."""
+    `mode` mixed (the query's rerank state, (D + H,)), latent, joint, patch or stacked (its
+    latents, (N, D))."""
     if mode == "mixed":
         states = store.rerank_states(ids)  # (K, D + H): read from the memory map
         return runner.mixed_scores(rerank_state[None], states[None])[0]
@@ -85,4 +102,7 @@ def stored_scores(
         return runner.joint_scores(latents, store.latents(ids))
     if mode == "patch":
         return runner.patch_scores(latents, store.patch_tokens(ids))
+    if mode == "stacked":
+        patch = runner.patch_scores(latents, store.patch_tokens(ids))
+        return runner.latent_scores(latents, store.latents(ids)) + patch_weight(runner) * patch
     raise ValueError(f"rerank mode {mode!r} does not score from stored rows")

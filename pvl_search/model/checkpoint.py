@@ -20,9 +20,10 @@ CONFIG_FILE = "config.json"
 # Optional: how searches should use this model, as chosen on validation when it was shipped,
 # e.g. {"rerank": "latent", "rerank_k": 16}. Not part of the fingerprint: it changes no vector.
 SEARCH_DEFAULTS_FILE = "search_defaults.json"
-_SEARCH_DEFAULT_KEYS = {"rerank": str, "rerank_k": int, "fusion": str, "chosen_by": str}
+_SEARCH_DEFAULT_KEYS = {"rerank": str, "rerank_k": int, "fusion": str, "patch_weight": (int, float), "chosen_by": str}
 # The values a model may choose (the search layer's modes and fusions are checked against these).
-SEARCH_DEFAULT_RERANKS = ("patch", "joint", "mixed", "latent", "none")  # never single: too slow to be a default
+# Never single: too slow to be a default.
+SEARCH_DEFAULT_RERANKS = ("stacked", "patch", "joint", "mixed", "latent", "none")
 MAX_DEFAULT_RERANK_K = 1000  # = indexer.search.request.MAX_RERANK_K (a test keeps them equal)
 
 # Optional: {"clip_s": 3.0, "source": ...}, the length of the clips the model was trained on.
@@ -131,6 +132,8 @@ def load_search_defaults(folder: str | Path) -> dict:
             raise CheckpointError(f"{path}: {key} must be one of {', '.join(values)}, not {data[key]!r}")
     if "rerank_k" in data and not 1 <= data["rerank_k"] <= MAX_DEFAULT_RERANK_K:
         raise CheckpointError(f"{path}: rerank_k must be between 1 and {MAX_DEFAULT_RERANK_K}, not {data['rerank_k']}")
+    if "patch_weight" in data and not 0 <= data["patch_weight"] <= 100:
+        raise CheckpointError(f"{path}: patch_weight must be between 0 and 100, not {data['patch_weight']}")
     return data
 
 

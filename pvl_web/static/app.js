@@ -373,7 +373,7 @@ function restore() {
   // A search in the address bar (a reload or a shared link) is run again.
   const params = new URLSearchParams(window.location.search);
   $("q").value = params.get("q") || "";
-  $("rerank").value = ["auto", "patch", "joint", "mixed", "latent", "single", "none"].includes(params.get("rerank")) ? params.get("rerank") : "auto";
+  $("rerank").value = ["auto", "stacked", "patch", "joint", "mixed", "latent", "single", "none"].includes(params.get("rerank")) ? params.get("rerank") : "auto";
   $("glob").value = params.get("glob") || "";
   $("min-duration").value = params.get("min_duration") || "";
   $("max-duration").value = params.get("max_duration") || "";
