@@ -306,6 +306,10 @@ def serve(
         help="Also answer requests whose Host is NAME (repeatable; '*': any). By default only localhost, "
              "127.0.0.1, ::1 and the --host address are answered (with 0.0.0.0 or ::, any IP address): "
              "a guard against DNS rebinding.")] = None,
+    workers: Annotated[int, typer.Option(
+        min=1, help="Server processes answering on the one port, each with its own copy of the model and "
+                    "cores / N torch threads. One process answers about 100 tiny searches a second (its Python "
+                    "lock is the limit); more raise the throughput of many clients, not one client's speed.")] = 1,
 ) -> None:
     """Serve the index over HTTP: the search page at /, GET /search?q=&k=&rerank_k=, GET /videos/{id},
     GET /videos/{id}/file (Range), GET /segments/{id}/thumbnail, GET /health. Concurrent searches are
@@ -319,7 +323,7 @@ def serve(
         server.serve(index_dir, host=host, port=port, db_url=db, model_dir=model, device=device,
                      cross_layers=cross_layers, on_ready=ready, token=token, docs=docs, path_root=path_root,
                      dtype=dtype, batch_window_s=batch_window_ms / 1000, max_batch=max_batch,
-                     query_cache=query_cache, allowed_hosts=allowed_host or ())
+                     query_cache=query_cache, allowed_hosts=allowed_host or (), workers=workers)
     except (*_domain_errors(), OSError) as exc:
         raise fail(str(exc)) from None
 

@@ -42,6 +42,8 @@ the window.
 
 from __future__ import annotations
 
+import functools
+import os
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -78,6 +80,7 @@ from pvl_web.files import MediaResponse, content_disposition
 from pvl_web.guards import SingleStreamGate, found, guarded
 from pvl_web.hosts import AllowedHosts, HostGate
 from pvl_web.present import json_safe, search_json
+from pvl_web.worker_processes import run_workers
 
 SINGLE_SLOTS = 1  # single-stream rerank requests running at once; more wait in the client
 ECHO_CHARS = 80  # a 422 shows at most this much of the input it refuses
@@ -182,7 +185,8 @@ def _add_index_routes(app: FastAPI, searcher: Searcher, path_root: str | Path | 
     @app.get("/health")
     def health() -> dict:
         videos, segments = guarded(searcher.counts)  # the index as it is on disk now
-        return {"status": "ok", "videos": videos, "segments": segments, "model": searcher.runner.fingerprint[:12]}
+        return {"status": "ok", "videos": videos, "segments": segments, "model": searcher.runner.fingerprint[:12],
+                "worker": os.getpid()}  # which server process answered (serve --workers)
 
     @app.api_route("/videos/{video_id}/file", methods=["GET", "HEAD"])
     def video_media(
@@ -281,6 +285,7 @@ def serve(
     max_batch: int = MAX_BATCH,
     query_cache: int = QUERY_CACHE,
     allowed_hosts: Sequence[str] = (),
+    workers: int = 1,
 ) -> None:
     """Bind the address, load the model and open the index once, then answer HTTP until
     interrupted (SIGINT / SIGTERM). `on_ready(url)` is called once requests are accepted.
@@ -289,19 +294,44 @@ def serve(
     `max_batch`: see create_app. `dtype`: what the model runs in (pvl_search/precision.py);
     `query_cache`: query encodings kept for repeated texts. A request's Host must be a loopback
     name, `host` or one of `allowed_hosts`, else 403 (pvl_web.hosts: the whole rule).
+    `workers` > 1: that many processes answer on the one socket, each with its own model
+    (pvl_web/worker_processes.py: more throughput under many clients).
 
     Everything that can fail at start-up fails here, before serving, as an exception for the
     caller to report in one line: ValueError (no token where one is needed, a short or
     non-ASCII one, an allowed host that is no name), OSError (the address is taken or not
     ours), then CheckpointError, IndexStoreError / ModelMismatchError (no index, another model)."""
-    import uvicorn
-
     check_token(host, token)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1 (got {workers})")
     hosts = AllowedHosts.for_bind(host, allowed_hosts)
     docs = is_loopback(host) if docs is None else docs
     if path_root is not None and not Path(path_root).is_dir():
         raise ValueError(f"path root {path_root}: no such folder")
     sock = _listen(host, port)
+    body = functools.partial(
+        _serve_on, index_dir=index_dir, db_url=db_url, model_dir=model_dir, device=device, cross_layers=cross_layers,
+        log_level=log_level, token=token, docs=docs, path_root=path_root, dtype=dtype, batch_window_s=batch_window_s,
+        max_batch=max_batch, query_cache=query_cache, allowed_hosts=hosts)
+    bound_host, bound_port = sock.getsockname()[:2]
+    url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
+    try:
+        if workers == 1:
+            body(sock, lambda: on_ready(url) if on_ready is not None else None)
+        else:
+            run_workers(body, sock, workers, None if on_ready is None else lambda: on_ready(url))
+    finally:
+        sock.close()
+
+
+def _serve_on(sock: socket.socket, ready: Callable[[], None], *, index_dir: str | Path, db_url: str | None,
+              model_dir: str | Path | None, device: str | None, cross_layers: int | None, log_level: str,
+              token: str | None, docs: bool, path_root: str | Path | None, dtype: DtypeChoice,
+              batch_window_s: float, max_batch: int, query_cache: int, allowed_hosts: AllowedHosts) -> None:
+    """One server process: load the model and open the index, then answer on `sock` until
+    SIGINT / SIGTERM; `ready()` once requests are accepted."""
+    import uvicorn
+
     opened: list[Searcher] = []
     # The model is loaded, warmed up and run on the batcher's one thread (QueryBatcher.call).
     batcher = _batcher(lambda: opened[0], batch_window_s, max_batch, True)
@@ -311,16 +341,13 @@ def serve(
             query_cache=query_cache)))
         with opened[0] as searcher:
             batcher.call(lambda: searcher.runner.encode_queries(["warm up"]))  # first-call costs paid now
-            app = create_app(searcher, token=token, docs=docs, path_root=path_root, allowed_hosts=hosts,
+            app = create_app(searcher, token=token, docs=docs, path_root=path_root, allowed_hosts=allowed_hosts,
                              batcher=batcher)
             server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
-            if on_ready is not None:
-                bound_host, bound_port = sock.getsockname()[:2]
-                on_ready(f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}")
+            ready()
             server.run(sockets=[sock])
     finally:
         batcher.close()
-        sock.close()
 
 
 def _batcher(searcher: Callable[[], Searcher], window_s: float, max_batch: int, idle_at_once: bool) -> QueryBatcher:

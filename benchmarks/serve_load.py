@@ -20,7 +20,7 @@ p95 <= 3x the single-client p50. Bounded: every phase stops after `--requests` r
 `--phase-seconds`, whichever comes first, and the whole run after `--max-seconds`.
 
     python benchmarks/serve_load.py [--configs tiny,base] [--requests 200] [--rounds 3]
-        [--clients 16] [--videos 40] [--dtype auto] [--batch-window-ms 5] [--max-batch 16]
+        [--clients 16] [--videos 40] [--dtype auto] [--batch-window-ms 5] [--max-batch 16] [--workers 1]
         [--json out.json] [--smoke]
 
 `--smoke`: a few requests and videos per phase, to check the script runs (numbers meaningless).
@@ -99,7 +99,7 @@ class Server:
     def __init__(self, index: Path, model_dir: Path, args: argparse.Namespace, log: Path) -> None:
         self.command = [pvl_search(), "serve", "--index", str(index), "--model", str(model_dir), "--port", "0",
                         "--dtype", args.dtype, "--batch-window-ms", str(args.batch_window_ms),
-                        "--max-batch", str(args.max_batch)]
+                        "--max-batch", str(args.max_batch), "--workers", str(args.workers)]
         self.log_path = log
         self.url = ""
 
@@ -203,6 +203,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--batch-window-ms", type=float, default=5.0)
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1, help="server processes (pvl-search serve --workers)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--smoke", action="store_true", help="a few requests: checks the script, not the speed")
     args = parser.parse_args()
@@ -236,7 +237,7 @@ def main() -> None:
                                "p95_over_single_p50": many["p95_ms"] / one["p50_ms"]}
     load = os.getloadavg()
     print(f"pvl-search serve on 127.0.0.1, dtype {args.dtype}, batch window {args.batch_window_ms:g} ms, "
-          f"max batch {args.max_batch}, {args.videos} videos, {args.rounds} rounds of at most {args.requests} "
+          f"max batch {args.max_batch}, {args.workers} server process(es), {args.videos} videos, {args.rounds} rounds of at most {args.requests} "
           f"requests per phase; load average at the end {load[0]:.2f} on {os.cpu_count()} cores\n")
     print("| config | clients | requests | errors | req/s | p50 ms | p95 ms | server encode p50 ms |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
