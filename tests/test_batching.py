@@ -241,3 +241,24 @@ def test_an_idle_batcher_answers_at_once_and_a_busy_one_batches() -> None:
         together = [pool.submit(batcher.submit, SearchRequest(f"q{i}")) for i in range(3)]
         assert [f.result(timeout=30).query for f in together] == ["q0", "q1", "q2"]
     assert sizes == [1, 3]
+
+
+def test_one_client_searching_back_to_back_never_waits_for_company() -> None:
+    """A client whose next request comes just after its last answer (so within the window of
+    the batch that ended) gets no company by waiting: requests that arrive more than a window
+    apart are answered at once (`BatchStats.waited` counts the batches that waited)."""
+    from indexer.search.batching import QueryBatcher
+    from indexer.search.request import SearchRequest
+    from indexer.search.results import SearchResult
+
+    def slow_answer(requests):  # noqa: ANN001, ANN202 - each answer takes longer than the window
+        time.sleep(0.3)
+        return [SearchResult(r.query, [], "none", False) for r in requests]
+
+    with QueryBatcher(slow_answer, window_s=0.2, max_batch=4) as batcher:
+        for i in range(3):
+            assert batcher.submit(SearchRequest(f"q{i}")).query == f"q{i}"
+        assert (batcher.stats.batches, batcher.stats.waited) == (3, 0)
+    with QueryBatcher(slow_answer, window_s=0.2, max_batch=4, idle_at_once=False) as batcher:
+        batcher.submit(SearchRequest("waits"))  # without the rule every lone request waits the window
+        assert batcher.stats.waited == 1

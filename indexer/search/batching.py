@@ -5,7 +5,10 @@ takes the first waiting request, waits at most `window_s` from that request's ar
 others (fewer if `max_batch` are waiting), and answers them with one call of `answer`
 (`Searcher.run_many`: one text-encoder call for the batch). A request that finds the batcher
 idle is answered at once, and requests that queued while a batch ran go in the next batch at
-once.
+once. Idle means: no batch ended within the window before the request arrived, or the request
+before it arrived more than a window earlier (one client searching back to back: its next
+request always comes just after its last answer, and waiting for company it will never get
+cost it the whole window, BENCHMARKS.md "Served queries").
 
 Single-stream rerank requests decode every candidate again (seconds): they are answered
 after the rest of their batch, each on its own, so they never hold back the fast ones.
@@ -35,6 +38,7 @@ MAX_BATCH = 16
 class _Job:
     request: SearchRequest
     arrived: float
+    previous: float = float("-inf")  # when the request before it arrived (monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     result: SearchResult | None = None
     error: BaseException | None = None
@@ -45,6 +49,7 @@ class BatchStats:
     batches: int = 0  # calls of `answer`
     requests: int = 0
     largest: int = 0  # requests in the largest batch
+    waited: int = 0  # batches whose first request waited for company (the window)
 
 
 class QueryBatcher:
@@ -74,6 +79,7 @@ class QueryBatcher:
         # still go in the next batch together.
         self.idle_at_once = idle_at_once
         self._last_done = float("-inf")  # when the last batch ended (monotonic)
+        self._last_arrival = float("-inf")  # when the latest request arrived (monotonic)
         self._calls: deque[tuple[Callable[[], object], Future]] = deque()  # `call`s not run yet
         self.stats = BatchStats()
         self._queue: deque[_Job] = deque()
@@ -88,6 +94,7 @@ class QueryBatcher:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the query batcher is closed")
+            job.previous, self._last_arrival = self._last_arrival, job.arrived
             self._queue.append(job)
             self._cond.notify_all()
         job.done.wait()
@@ -141,14 +148,18 @@ class QueryBatcher:
                 return []  # run them first (the loop comes back here)
             if not self._queue:
                 return None  # closed and drained
-            first = self._queue[0].arrived
-            idle = self.idle_at_once and len(self._queue) == 1 and first - self._last_done > self.window_s
-            deadline = first if idle else first + self.window_s
+            first = self._queue[0]
+            quiet = first.arrived - self._last_done > self.window_s or first.arrived - first.previous > self.window_s
+            idle = self.idle_at_once and len(self._queue) == 1 and quiet
+            deadline = first.arrived if idle else first.arrived + self.window_s
+            waited = False
             while len(self._queue) < self.max_batch and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
+                waited = True
                 self._cond.wait(left)  # woken by each new request, to count them
+            self.stats.waited += waited
             return [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
 
     def _loop(self) -> None:
