@@ -90,3 +90,20 @@ def test_a_worker_that_cannot_start_fails_serve_with_its_own_error(tmp_path: Pat
     with pytest.raises(IndexStoreError) as two:
         server.serve(tmp_path / "missing", port=0, model_dir=model_dir, device="cpu", workers=2)
     assert str(two.value) == str(one.value) and "\n" not in str(two.value)
+
+
+def test_workers_stop_when_their_server_process_is_killed(tmp_path: Path, runner: ModelRunner,
+                                                          model_dir: Path) -> None:
+    """SIGKILL of the parent (no chance to stop its workers): each worker sees it gone and stops
+    itself, so no orphan goes on answering on the socket."""
+    media, folder, log = tmp_path / "media", tmp_path / "idx", tmp_path / "server.log"
+    video(media / "v0.mp4", seed=0)
+    index(folder, [media], runner)
+    proc, url = start_server(folder, model_dir, log, workers=2)
+    workers = _wait_for(lambda: (found := _workers(proc.pid)) and len(found) == 2 and found, "two workers")
+    assert httpx.get(f"{url}/health", timeout=60).json()["worker"] in workers
+    proc.kill()
+    proc.wait()
+    _wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "the workers to stop", 60)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/health", timeout=5)
