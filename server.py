@@ -318,11 +318,15 @@ def serve(
         max_batch=max_batch, query_cache=query_cache, allowed_hosts=hosts)
     bound_host, bound_port = sock.getsockname()[:2]
     url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
+    def ready() -> None:
+        if on_ready is not None:
+            on_ready(url)
+
     try:
         if workers == 1:
-            body(sock, lambda: on_ready(url) if on_ready is not None else None)
+            body(sock, ready)
         else:
-            run_workers(body, sock, workers, None if on_ready is None else lambda: on_ready(url))
+            run_workers(body, sock, workers, ready)
     finally:
         sock.close()
 

@@ -53,14 +53,16 @@ def rerank_mode(requested: str, runner: ModelRunner, store: StoreBase) -> str:
     """The reranker a request gets (see the module doc); SearchError when `latent`, `joint`,
     `patch` or `stacked` is asked for and cannot run here."""
     available = {"latent": latent_rerank_available(runner, store), "joint": joint_rerank_available(runner, store),
-                 "patch": patch_rerank_available(runner, store), "stacked": stacked_rerank_available(runner, store)}
+                 "patch": patch_rerank_available(runner, store)}
+    available["stacked"] = available["latent"] and available["patch"]
     if requested == "auto":
         chosen = runner.search_defaults.get("rerank", "mixed")
         if available.get(chosen, True):
             return chosen
         return "latent" if available["latent"] else "mixed"  # e.g. an index built without patch tokens
-    # stacked needs both halves: the one that cannot run says why.
-    needed = requested if requested != "stacked" else "latent" if not available["latent"] else "patch"
+    needed = requested
+    if requested == "stacked":  # both halves: the one that cannot run says why
+        needed = "patch" if available["latent"] else "latent"
     if not available.get(needed, True):
         has = {"latent": runner.model.latent_reranker, "joint": runner.reranker, "patch": runner.patch_reranker}
         kept, option = ("patch tokens", "--store-patches") if needed == "patch" else ("latents", "--store-latents")
