@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pvl_search.model.packed_linear import PackedLinear, pack_linears  # noqa: E402
+from pvl_search.precision import describe_cpu  # noqa: E402
 
 SHAPES = ((128, 768, 768), (128, 768, 3072), (128, 3072, 768), (128, 768, 2304))
 
@@ -42,14 +43,6 @@ def per_call_ms(fn, repeats: int = 100) -> float:  # noqa: ANN001 - a callable
     return (time.perf_counter() - began) / repeats * 1e3
 
 
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    return " ".join(f for f in ("avx512_bf16", "amx_bf16", "avx512f") if f" {f}" in flags) or "no avx512"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=30)
@@ -57,7 +50,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"CPU flags: {cpu_flags()}; torch {torch.__version__}, {args.threads} threads")
+    print(f"CPU: {describe_cpu()}; torch {torch.__version__}, {args.threads} threads")
 
     print("\n| Linear (rows × in → out) | float32 ms | bf16 ms | packed bf16 ms | bf16 / f32 | GFLOP/s f32 / bf16 |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -10,12 +10,18 @@ queries for both dtypes:
 - single query: `Searcher.search` (tokenise + text encoder + FAISS + mixed rerank of the top
   50), query cache off, each query answered in both dtypes one after the other with the
   order alternated; p50 of each and the median of the paired ratios;
+- the video encoder alone, in the same run, on a batch of 8 of the same clips already decoded:
+  `encode_video` on model-ready tensors (the forward pass), and `ModelRunner.encode_clips` from
+  uint8 frames (adds normalising, the cast and the rerank states); videos/s of each, so the
+  indexing speed-up can be read against the encoder's own (issue #25: indexing >= 0.85 of it);
+- where a single query's time goes: the p50 of each stage the search reports (encode, retrieve,
+  rerank, lookup, moments) in each dtype;
 - agreement: cosine between the two indexes' stored embeddings (per segment) and between the
   two runners' query embeddings; the rerank states' largest relative error.
 
 `--dtype auto` is what the CLI does by default; the script says what it resolved to (on a CPU
 without native bf16 it is float32, and the ratio is then ~1 by design). Goals (issue 15):
-indexing auto >= 2.5x float32, single-query p50 auto <= 0.4x float32, cosine >= 0.999.
+indexing auto >= 2.5x float32 (issue #25: >= 0.85x the encoder-alone speed-up), single-query p50 auto <= 0.4x float32, cosine >= 0.999.
 
     python benchmarks/dtype_speed.py [--config base] [--clips 24] [--queries 30] [--repeats 2]
         [--dtype auto] [--model DIR] [--json out.json] [--smoke]
@@ -60,6 +66,35 @@ def make_clips(folder: Path, count: int) -> list[Path]:
 def query_text(i: int) -> str:
     colours, shapes = ["red", "green", "blue", "yellow", "white"], ["circle", "square", "triangle", "star"]
     return f"a {colours[i % 5]} {shapes[i // 5 % 4]} moves {'left' if i % 2 else 'right'} then stops, take {i}"
+
+
+def encoder_rates(files: list[Path], runners: dict, rounds: int) -> dict[str, dict[str, float]]:
+    """Videos/s of the forward pass alone and of `encode_clips`, per runner, on one batch of 8
+    decoded clips (median of `rounds` alternated rounds of 3 calls each)."""
+    from pvl_search.media.video import read_clip, to_model_input
+
+    some = next(iter(runners.values())).config
+    clips = [read_clip(f, None, some.frames, some.frame_size) for f in files[:8]]
+    frames, masks = np.stack([c.frames for c in clips]), np.stack([c.mask for c in clips])
+    x, m = to_model_input(frames, masks)
+    ready = {name: x.to(r.model.dtype) for name, r in runners.items()}
+    seconds: dict[str, dict[str, list[float]]] = {name: {"forward": [], "encode_clips": []} for name in runners}
+    for rnd in range(rounds + 1):  # round 0 warms up
+        for name in (list(runners) if rnd % 2 == 0 else list(runners)[::-1]):
+            runner = runners[name]
+            with torch.inference_mode():
+                began = time.perf_counter()
+                for _ in range(3):
+                    runner.model.encode_video(ready[name], m, cross_layers=runner.cross_layers)
+                forward = (time.perf_counter() - began) / 3
+            began = time.perf_counter()
+            for _ in range(3):
+                runner.encode_clips(frames, masks)
+            if rnd:
+                seconds[name]["forward"].append(forward)
+                seconds[name]["encode_clips"].append((time.perf_counter() - began) / 3)
+    return {name: {stage: len(clips) / statistics.median(v) for stage, v in per.items()}
+            for name, per in seconds.items()}
 
 
 def index_once(files: list[Path], runner, folder: Path) -> float:  # noqa: ANN001 - a ModelRunner
@@ -111,8 +146,10 @@ def main() -> None:
             for name in (("float32", "fast") if repeat % 2 == 0 else ("fast", "float32")):
                 seconds[name].append(index_once(files, runners[name], root / f"index-{name}-{repeat}"))
         rate = {name: len(files) / statistics.median(s) for name, s in seconds.items()}
+        alone = encoder_rates(files, runners, max(2, args.repeats))
 
         latency: dict[str, list[float]] = {"float32": [], "fast": []}
+        stages: dict[str, dict[str, list[float]]] = {"float32": {}, "fast": {}}
         encoded = {}
         with Searcher(root / "index-float32-0", runner=runners["float32"], query_cache=0) as exact, \
                 Searcher(root / "index-fast-0", runner=runners["fast"], query_cache=0) as fast:
@@ -122,8 +159,10 @@ def main() -> None:
             for i in range(args.queries):
                 for name in (("float32", "fast") if i % 2 == 0 else ("fast", "float32")):
                     started = time.perf_counter()
-                    searchers[name].search(query_text(i), k=10, rerank_k=50, rerank="mixed")
+                    result = searchers[name].search(query_text(i), k=10, rerank_k=50, rerank="mixed")
                     latency[name].append(time.perf_counter() - started)
+                    for stage, ms in result.timings_ms.items():
+                        stages[name].setdefault(stage, []).append(ms)
             texts = [query_text(i) for i in range(args.queries)]
             for name in runners:
                 encoded[name] = runners[name].encode_queries(texts)
@@ -140,6 +179,9 @@ def main() -> None:
     paired = statistics.median(f / e for f, e in zip(latency["fast"], latency["float32"]))
     model = str(args.model) if args.model else f"{args.config} (random weights)"
     load = os.getloadavg()
+    from pvl_search.precision import describe_cpu
+
+    print(f"CPU: {describe_cpu()}")
     print(f"model {model}; {args.dtype} resolved to {resolved} here; {len(files)} clips 128x128 3 s, "
           f"{args.repeats} indexing runs per dtype, {args.queries} queries; torch threads "
           f"{torch.get_num_threads()}; load average at the end {load[0]:.2f} on {os.cpu_count()} cores; "
@@ -148,15 +190,25 @@ def main() -> None:
     print("|---|---:|---:|---:|---|")
     print(f"| indexing, videos/s (median of {args.repeats}) | {rate['float32']:.2f} | {rate['fast']:.2f} | "
           f"{rate['fast'] / rate['float32']:.2f}x | >= 2.5x |")
+    speedup = {stage: alone["fast"][stage] / alone["float32"][stage] for stage in ("forward", "encode_clips")}
+    index_speedup = rate["fast"] / rate["float32"]
+    for stage, what in (("forward", "video encoder forward pass alone"), ("encode_clips", "encode_clips (+ normalise, cast)")):
+        print(f"| {what}, videos/s, batch 8 | {alone['float32'][stage]:.2f} | {alone['fast'][stage]:.2f} | "
+              f"{speedup[stage]:.2f}x | indexing / this: {index_speedup / speedup[stage]:.2f} (>= 0.85) |")
     print(f"| single query p50 ms (encode + FAISS + mixed K=50) | {p50['float32']:.1f} | {p50['fast']:.1f} | "
           f"{p50['fast'] / p50['float32']:.2f} (paired median {paired:.2f}) | <= 0.4 |")
+    for stage in stages["float32"]:
+        a, b = (statistics.median(stages[n][stage]) for n in ("float32", "fast"))
+        print(f"| - of it, {stage} p50 ms (as the search reports it) | {a:.2f} | {b:.2f} | "
+              f"{b / a if a else float('nan'):.2f} | |")
     print(f"| video embedding cosine, min / median | | | {video_cos.min():.6f} / {np.median(video_cos):.6f} | >= 0.999 |")
     print(f"| query embedding cosine, min / median | | | {text_cos.min():.6f} / {np.median(text_cos):.6f} | >= 0.999 |")
     print(f"| rerank state, largest error / largest value | | | {state_err:.4f} | |")
     if args.json:
         args.json.write_text(json.dumps({
             "args": {k: str(v) for k, v in vars(args).items()}, "resolved": resolved,
-            "index_seconds": seconds, "videos_per_s": rate, "query_seconds": latency, "p50_ms": p50,
+            "index_seconds": seconds, "videos_per_s": rate, "encoder_alone_videos_per_s": alone,
+            "query_stage_ms": stages, "query_seconds": latency, "p50_ms": p50,
             "paired_query_ratio": paired, "video_cosine": video_cos.tolist(), "query_cosine": text_cos.tolist(),
             "rerank_state_rel_error": state_err}, indent=2))
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from pvl_search.data.synth import generate_corpus  # noqa: E402
 from pvl_search.media.video import read_clip  # noqa: E402
 from pvl_search.model.config import preset  # noqa: E402
 from pvl_search.model.tokenizer import Tokenizer  # noqa: E402
+from pvl_search.precision import describe_cpu  # noqa: E402
 from pvl_search.shards.format import (  # noqa: E402
     Manifest,
     Sample,
@@ -126,16 +126,6 @@ def synthetic_videos(tmp: Path, n: int, size: int) -> list[CaptionRecord]:
     return load_captions(summary.captions_path)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="tiny,base", help="model presets, comma-separated")
@@ -154,7 +144,7 @@ def main() -> None:
             records = given if given is not None else synthetic_videos(tmp, args.videos, preset(name).frame_size)
             rows.append(measure(name, records, tmp, args.repeats))
             print(f"{name}: done", file=sys.stderr)
-    print(f"{cpu_name()}, one process; median of {args.repeats} runs, samples/s (higher is better)\n")
+    print(f"{describe_cpu()}, one process; median of {args.repeats} runs, samples/s (higher is better)\n")
     print(f"| config | frames x size | videos | on-the-fly decode | shards, buffer {BUFFER} | ratio | "
           "shards, buffer 0 | ratio | video MB | shard MB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -163,7 +153,7 @@ def main() -> None:
               f"{r['shards_samples_per_s']:.1f} | **{r['ratio']:.1f}x** | {r['shards_unshuffled_samples_per_s']:.1f} | "
               f"{r['unshuffled_ratio']:.1f}x | {r['video_bytes'] / 1e6:.2f} | {r['shard_bytes'] / 1e6:.2f} |")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_name(), "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"cpu": describe_cpu(), "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -105,8 +105,8 @@ class ModelRunner:
     def encode_clips(self, frames: np.ndarray, masks: np.ndarray, *, keep_latents: bool = False,
                      keep_patches: bool = False) -> EncodedClips:
         """frames uint8 (n, F, S, S, 3), masks bool (n, F)."""
-        x, m = to_model_input(frames, masks)
-        x, m = x.to(self.device, self.model.dtype), m.to(self.device)
+        x, m = to_model_input(frames, masks, self.model.dtype)  # normalised straight into the model's dtype
+        x, m = x.to(self.device), m.to(self.device)
         out = self.model.encode_video(x, m, cross_layers=self.cross_layers, keep_inputs=keep_patches)
         states = self.model.rerank_state(out.latents)
         latents = out.latents.float().flatten(1).cpu().numpy() if keep_latents else None
@@ -203,7 +203,7 @@ class ModelRunner:
     @torch.inference_mode()
     def single_scores(self, frames: np.ndarray, masks: np.ndarray, text: str) -> np.ndarray:
         """Joint-encoder VTM logits of one text against n decoded clips: (n,)."""
-        x, m = to_model_input(frames, masks)
-        x, m = x.to(self.device, self.model.dtype), m.to(self.device)
+        x, m = to_model_input(frames, masks, self.model.dtype)  # normalised straight into the model's dtype
+        x, m = x.to(self.device), m.to(self.device)
         ids = self.tokenizer([text]).to(self.device).expand(x.shape[0], -1)
         return self.model.single_stream_scores(x, m, ids, cross_layers=self.cross_layers).cpu().numpy()

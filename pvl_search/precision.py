@@ -42,6 +42,25 @@ def cpu_flags(cpuinfo: str | Path = CPUINFO) -> frozenset[str]:
     return frozenset()
 
 
+def describe_cpu(cpuinfo: str | Path = CPUINFO) -> str:
+    """The CPU's model name, core count and whether it lists a native bf16 flag, for a benchmark
+    to print beside its numbers (bf16 ratios mean little without it)."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model"):
+                name = value.strip()
+                break
+    except OSError:
+        pass
+    bf16 = sorted(cpu_flags(cpuinfo) & BF16_CPU_FLAGS)
+    return f"{name}, {os.cpu_count()} cores, bf16 flags: {' '.join(bf16) or 'none (bf16 is emulated)'}"
+
+
 def _bf16_matmul_is_faster(size: int = 256, repeats: int = 5) -> bool:
     """One tiny timed probe: is a bf16 matmul faster than float32 here? Native is about 4x
     faster, emulated about 5x slower, so the best of a few runs separates them under load."""

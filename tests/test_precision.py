@@ -13,7 +13,7 @@ import torch
 from indexer.encoding import ModelRunner
 from pvl_search.model.config import preset
 from pvl_search.model.perceiver import PerceiverVL
-from pvl_search.precision import DTYPE_CHOICES, choose_dtype, cpu_flags, native_bf16_cpu
+from pvl_search.precision import DTYPE_CHOICES, choose_dtype, cpu_flags, describe_cpu, native_bf16_cpu
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a cuda device object needs no GPU
 
@@ -46,6 +46,15 @@ def test_cpuinfo_flags(tmp_path: Path) -> None:
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
     assert "avx512_bf16" in cpu_flags(x86) and "bf16" in cpu_flags(arm)
     assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_benchmarks_name_the_cpu_and_its_bf16_flags(tmp_path: Path) -> None:
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx512f avx512_bf16\n")
+    plain = tmp_path / "plain"
+    plain.write_text("processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: fpu avx512f\n")
+    assert describe_cpu(x86).startswith("AMD EPYC 9R14, ") and describe_cpu(x86).endswith("bf16 flags: avx512_bf16")
+    assert describe_cpu(plain).endswith("bf16 flags: none (bf16 is emulated)")
 
 
 def test_a_cpu_without_the_flags_never_runs_the_timed_probe(tmp_path: Path) -> None:

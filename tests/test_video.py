@@ -203,6 +203,21 @@ def test_to_model_input() -> None:
     assert not pixels[0, 2].any() and not pixels[1, 1:].any()  # padding frames are zeros
 
 
+def test_to_model_input_in_bfloat16_is_the_float32_result_rounded_once() -> None:
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (2, 3, 8, 8, 3), dtype=np.uint8)
+    mask = np.array([[True, True, False], [True, True, True]])
+    exact, _ = to_model_input(frames, mask)
+    fast, keep = to_model_input(frames, mask, torch.bfloat16)
+    assert fast.dtype == torch.bfloat16 and keep.tolist() == mask.tolist()
+    assert torch.equal(fast, exact.to(torch.bfloat16))
+    one, _ = to_model_input(frames[1], mask[1])  # one clip (F, S, S, 3) as its row of the batch
+    assert torch.equal(one, exact[1])
+    # the CLIP normalisation, per channel, from the uint8 values
+    expect = (torch.from_numpy(frames).float() / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    assert exact[1].allclose(expect[1].movedim(-1, -3), atol=1e-6)
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 
