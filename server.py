@@ -79,6 +79,7 @@ from pvl_web import PAGE, PAGE_CSP, STATIC_DIR
 from pvl_web.auth import TokenGate, check_token, is_loopback
 from pvl_web.files import MediaResponse, content_disposition
 from pvl_web.guards import SingleStreamGate, found, guarded
+from pvl_web.heap import settle_heap
 from pvl_web.hosts import AllowedHosts, HostGate
 from pvl_web.present import json_safe, search_json
 from pvl_web.worker_processes import run_workers
@@ -351,6 +352,7 @@ def _serve_on(sock: socket.socket, ready: Callable[[], None], *, index_dir: str 
             app = create_app(searcher, token=token, docs=docs, path_root=path_root, allowed_hosts=allowed_hosts,
                              batcher=batcher)
             server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+            settle_heap()  # start-up's objects out of the collector's walks (pvl_web/heap.py)
             ready()
             server.run(sockets=[sock])
     finally:

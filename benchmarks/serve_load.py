@@ -126,8 +126,30 @@ class Server:
         self.log.close()
 
 
-def run_phase(url: str, clients: int, requests: int, seconds: float, counter: itertools.count) -> dict:
-    """`clients` closed-loop clients until `requests` are answered or `seconds` pass."""
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process `pid` and every live descendant
+    (the server and its workers), from /proc; 0 where /proc cannot tell."""
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent pid, cpu seconds)
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, frontier = set(), {pid}
+    while frontier:
+        tree |= frontier
+        frontier = {child for child, (parent, _) in stats.items() if parent in frontier} - tree
+    return sum(stats[p][1] for p in tree if p in stats)
+
+
+def run_phase(url: str, clients: int, requests: int, seconds: float, counter: itertools.count,
+              server_pid: int | None = None) -> dict:
+    """`clients` closed-loop clients until `requests` are answered or `seconds` pass; with
+    `server_pid`, also the CPU seconds the server's processes and this one (the clients) spent."""
     lock = threading.Lock()
     latencies: list[float] = []
     server_ms: list[dict] = []
@@ -153,13 +175,17 @@ def run_phase(url: str, clients: int, requests: int, seconds: float, counter: it
                     latencies.append(took)
                     server_ms.append(response.json()["timings_ms"])
 
+    server_cpu = tree_cpu_seconds(server_pid) if server_pid else 0.0
+    client_cpu = time.process_time()
     began = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         for future in [pool.submit(client) for _ in range(clients)]:
             future.result()
     elapsed = time.perf_counter() - began
     return {"clients": clients, "done": len(latencies), "errors": errors[0], "seconds": elapsed,
-            "latencies_s": latencies, "server_ms": server_ms}
+            "latencies_s": latencies, "server_ms": server_ms,
+            "server_cpu_s": (tree_cpu_seconds(server_pid) - server_cpu) if server_pid else 0.0,
+            "client_cpu_s": time.process_time() - client_cpu}
 
 
 def in_process_p50_ms(index: Path, model_dir: Path, dtype: str, n: int, counter: itertools.count) -> float:
@@ -184,7 +210,10 @@ def summarise(phases: list[dict]) -> dict:
     done, seconds = sum(p["done"] for p in phases), sum(p["seconds"] for p in phases)
     encode = [m["encode"] for p in phases for m in p["server_ms"]]
     p50, p95 = (np.percentile(latencies, [50, 95]).tolist() if latencies else [float("nan")] * 2)
+    cpu_ms = {side: 1000 * sum(p[f"{side}_cpu_s"] for p in phases) / done if done else float("nan")
+              for side in ("server", "client")}
     return {"requests": done, "errors": sum(p["errors"] for p in phases), "seconds": seconds,
+            "cpu_ms_per_request": cpu_ms,
             "throughput_rps": done / seconds if seconds else float("nan"), "p50_ms": p50 * 1000,
             "p95_ms": p95 * 1000, "server_encode_ms_p50": statistics.median(encode) if encode else float("nan"),
             "server_stage_ms_p50": {stage: statistics.median(m.get(stage, 0.0) for p in phases for m in p["server_ms"])
@@ -228,14 +257,18 @@ def main() -> None:
                 run_phase(server.url, args.clients, warm, budget(), counter)
                 single, multi = [], []
                 for _ in range(args.rounds):
-                    single.append(run_phase(server.url, 1, args.requests, budget(), counter))
-                    multi.append(run_phase(server.url, args.clients, args.requests, budget(), counter))
+                    single.append(run_phase(server.url, 1, args.requests, budget(), counter, server.proc.pid))
+                    multi.append(run_phase(server.url, args.clients, args.requests, budget(), counter,
+                                           server.proc.pid))
             one, many = summarise(single), summarise(multi)
             in_process = in_process_p50_ms(index, model_dir, args.dtype, min(args.requests, 100), counter)
             results[config] = {"single": one, f"{args.clients}_clients": many, "in_process_p50_ms": in_process,
                                "throughput_ratio": many["throughput_rps"] / one["throughput_rps"],
                                "p95_over_single_p50": many["p95_ms"] / one["p50_ms"]}
     load = os.getloadavg()
+    from pvl_search.precision import describe_cpu
+
+    print(f"CPU: {describe_cpu()}")
     print(f"pvl-search serve on 127.0.0.1, dtype {args.dtype}, batch window {args.batch_window_ms:g} ms, "
           f"max batch {args.max_batch}, {args.workers} server process(es), {args.videos} videos, {args.rounds} rounds of at most {args.requests} "
           f"requests per phase; load average at the end {load[0]:.2f} on {os.cpu_count()} cores\n")
@@ -249,6 +282,17 @@ def main() -> None:
     print("|---|---:|---:|")
     for config, r in results.items():
         print(f"| {config} | {r['throughput_ratio']:.2f} | {r['p95_over_single_p50']:.2f} |")
+    print("\nCPU per answered request (ms; the server's processes from /proc, the clients' from this process; "
+          f"on {os.cpu_count()} cores a closed loop of {args.clients} meets p95 <= 3x p50(1) only if a request costs "
+          f"at most about cores x 3 x p50(1) / {args.clients} of CPU, both sides together):\n")
+    print("| config | clients | server | clients' own | both | bound for the p95 goal |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for config, r in results.items():
+        bound = (os.cpu_count() or 1) * 3 * r["single"]["p50_ms"] / args.clients
+        for name, row in (("1", r["single"]), (str(args.clients), r[f"{args.clients}_clients"])):
+            cpu = row["cpu_ms_per_request"]
+            print(f"| {config} | {name} | {cpu['server']:.1f} | {cpu['client']:.1f} | "
+                  f"{cpu['server'] + cpu['client']:.1f} | {bound:.1f} |")
     print("\nWhere a 1-client request's time goes (p50 of each, ms; the server's stages from its timings_ms; "
           "outside = client p50 - server total: HTTP, thread hand-offs, JSON):\n")
     print(f"| config | client p50 | {' | '.join(STAGES[:-1])} | server total | outside | in-process p50 | "
