@@ -2,8 +2,11 @@
 
 For each model size in `--configs` (random weights of the `tiny` and `base` presets: the cost
 does not depend on the weights) the script makes short clips, indexes them with
-`pvl-search index`, starts `pvl-search serve --port 0` on 127.0.0.1 and drives it over HTTP
-(httpx, one keep-alive connection per client thread):
+`pvl-search index`, starts `pvl-search serve --port 0` on 127.0.0.1 and drives it over HTTP,
+one keep-alive connection per client thread, with the standard library's `http.client`
+(`--client stdlib`, the default: about 0.2 ms of CPU a request) or httpx (`--client httpx`, the
+client of the issue's first numbers: 2-4 ms of CPU a request, taken from the same 2 cores the
+server runs on):
 
 - single client: one request at a time, back to back: p50 latency and throughput;
 - 16 clients: each sends its next request when the previous one is answered (closed loop):
@@ -21,7 +24,7 @@ p95 <= 3x the single-client p50. Bounded: every phase stops after `--requests` r
 
     python benchmarks/serve_load.py [--configs tiny,base] [--requests 200] [--rounds 3]
         [--clients 16] [--videos 40] [--dtype auto] [--batch-window-ms 5] [--max-batch 16] [--workers 1]
-        [--json out.json] [--smoke]
+        [--client stdlib|httpx] [--json out.json] [--smoke]
 
 `--smoke`: a few requests and videos per phase, to check the script runs (numbers meaningless).
 """
@@ -29,6 +32,8 @@ p95 <= 3x the single-client p50. Bounded: every phase stops after `--requests` r
 from __future__ import annotations
 
 import argparse
+import functools
+import http.client
 import itertools
 import json
 import os
@@ -40,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -146,19 +152,52 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(stats[p][1] for p in tree if p in stats)
 
 
+class StdlibClient:
+    """One kept-alive connection through `http.client`: the lightest client the standard library
+    has, so the load generator takes as little as it can of the cores the server runs on."""
+
+    def __init__(self, base_url: str) -> None:
+        parts = urllib.parse.urlsplit(base_url)
+        self.connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
+
+    def get(self, path: str, params: dict[str, str]) -> tuple[int, bytes]:
+        self.connection.request("GET", f"{path}?{urllib.parse.urlencode(params)}")
+        response = self.connection.getresponse()
+        return response.status, response.read()
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+class HttpxClient:
+    def __init__(self, base_url: str) -> None:
+        self.http = httpx.Client(base_url=base_url, timeout=600)
+
+    def get(self, path: str, params: dict[str, str]) -> tuple[int, bytes]:
+        response = self.http.get(path, params=params)
+        return response.status_code, response.content
+
+    def close(self) -> None:
+        self.http.close()
+
+
+CLIENTS = {"stdlib": StdlibClient, "httpx": HttpxClient}
+
+
 def run_phase(url: str, clients: int, requests: int, seconds: float, counter: itertools.count,
-              server_pid: int | None = None) -> dict:
+              server_pid: int | None = None, client_kind: str = "stdlib") -> dict:
     """`clients` closed-loop clients until `requests` are answered or `seconds` pass; with
     `server_pid`, also the CPU seconds the server's processes and this one (the clients) spent."""
     lock = threading.Lock()
     latencies: list[float] = []
-    server_ms: list[dict] = []
+    bodies: list[bytes] = []  # parsed after the phase, outside the timed loop
     errors = [0]
     left = [requests]
     stop_at = time.monotonic() + seconds
 
     def client() -> None:
-        with httpx.Client(base_url=url, timeout=600) as http:
+        http = CLIENTS[client_kind](url)
+        try:
             while True:
                 with lock:
                     if left[0] <= 0 or time.monotonic() > stop_at:
@@ -166,14 +205,16 @@ def run_phase(url: str, clients: int, requests: int, seconds: float, counter: it
                     left[0] -= 1
                     i = next(counter)
                 began = time.perf_counter()
-                response = http.get("/search", params={"q": query_text(i)})
+                status, body = http.get("/search", {"q": query_text(i)})
                 took = time.perf_counter() - began
                 with lock:
-                    if response.status_code != 200:
+                    if status != 200:
                         errors[0] += 1
                         continue
                     latencies.append(took)
-                    server_ms.append(response.json()["timings_ms"])
+                    bodies.append(body)
+        finally:
+            http.close()
 
     server_cpu = tree_cpu_seconds(server_pid) if server_pid else 0.0
     client_cpu = time.process_time()
@@ -183,7 +224,7 @@ def run_phase(url: str, clients: int, requests: int, seconds: float, counter: it
             future.result()
     elapsed = time.perf_counter() - began
     return {"clients": clients, "done": len(latencies), "errors": errors[0], "seconds": elapsed,
-            "latencies_s": latencies, "server_ms": server_ms,
+            "latencies_s": latencies, "server_ms": [json.loads(body)["timings_ms"] for body in bodies],
             "server_cpu_s": (tree_cpu_seconds(server_pid) - server_cpu) if server_pid else 0.0,
             "client_cpu_s": time.process_time() - client_cpu}
 
@@ -233,6 +274,8 @@ def main() -> None:
     parser.add_argument("--batch-window-ms", type=float, default=5.0)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1, help="server processes (pvl-search serve --workers)")
+    parser.add_argument("--client", default="stdlib", choices=sorted(CLIENTS),
+                        help="the load clients' HTTP library (stdlib: http.client, the lightest)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--smoke", action="store_true", help="a few requests: checks the script, not the speed")
     args = parser.parse_args()
@@ -253,13 +296,13 @@ def main() -> None:
 
             with Server(index, model_dir, args, root / f"serve-{config}.log") as server:
                 warm = max(args.clients, args.requests // 4)  # unmeasured: kernels, allocator, batch-size checks
-                run_phase(server.url, 1, min(warm, 8), budget(), counter)
-                run_phase(server.url, args.clients, warm, budget(), counter)
+                phase = functools.partial(run_phase, server.url, server_pid=server.proc.pid, client_kind=args.client)
+                phase(1, min(warm, 8), budget(), counter)
+                phase(args.clients, warm, budget(), counter)
                 single, multi = [], []
                 for _ in range(args.rounds):
-                    single.append(run_phase(server.url, 1, args.requests, budget(), counter, server.proc.pid))
-                    multi.append(run_phase(server.url, args.clients, args.requests, budget(), counter,
-                                           server.proc.pid))
+                    single.append(phase(1, args.requests, budget(), counter))
+                    multi.append(phase(args.clients, args.requests, budget(), counter))
             one, many = summarise(single), summarise(multi)
             in_process = in_process_p50_ms(index, model_dir, args.dtype, min(args.requests, 100), counter)
             results[config] = {"single": one, f"{args.clients}_clients": many, "in_process_p50_ms": in_process,
@@ -270,7 +313,7 @@ def main() -> None:
 
     print(f"CPU: {describe_cpu()}")
     print(f"pvl-search serve on 127.0.0.1, dtype {args.dtype}, batch window {args.batch_window_ms:g} ms, "
-          f"max batch {args.max_batch}, {args.workers} server process(es), {args.videos} videos, {args.rounds} rounds of at most {args.requests} "
+          f"max batch {args.max_batch}, {args.workers} server process(es), {args.client} clients, {args.videos} videos, {args.rounds} rounds of at most {args.requests} "
           f"requests per phase; load average at the end {load[0]:.2f} on {os.cpu_count()} cores\n")
     print("| config | clients | requests | errors | req/s | p50 ms | p95 ms | server encode p50 ms |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
