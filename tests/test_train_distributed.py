@@ -102,8 +102,11 @@ def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ray_session():
+    """A Ray of this process for one test, shut down after it: a second Ray alive on the machine
+    while another test's `pvl-search train` starts its own made Ray Train's own address lookups
+    fail ("Found multiple active Ray instances") and once hung that run's restart."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024**2, log_to_driver=False,
