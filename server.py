@@ -306,8 +306,6 @@ def serve(
     non-ASCII one, an allowed host that is no name), OSError (the address is taken or not
     ours), then CheckpointError, IndexStoreError / ModelMismatchError (no index, another model)."""
     check_token(host, token)
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1 (got {workers})")
     hosts = AllowedHosts.for_bind(host, allowed_hosts)
     docs = is_loopback(host) if docs is None else docs
     if path_root is not None and not Path(path_root).is_dir():

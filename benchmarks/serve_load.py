@@ -4,7 +4,7 @@ For each model size in `--configs` (random weights of the `tiny` and `base` pres
 does not depend on the weights) the script makes short clips, indexes them with
 `pvl-search index`, starts `pvl-search serve --port 0` on 127.0.0.1 and drives it over HTTP,
 one keep-alive connection per client thread, with the standard library's `http.client`
-(`--client stdlib`, the default: about 0.2 ms of CPU a request) or httpx (`--client httpx`, the
+(`--client stdlib`, the default: under 1 ms of CPU a request) or httpx (`--client httpx`, the
 client of the issue's first numbers: 2-4 ms of CPU a request, taken from the same 2 cores the
 server runs on):
 
@@ -184,10 +184,10 @@ class HttpxClient:
 CLIENTS = {"stdlib": StdlibClient, "httpx": HttpxClient}
 
 
-def run_phase(url: str, clients: int, requests: int, seconds: float, counter: itertools.count,
-              server_pid: int | None = None, client_kind: str = "stdlib") -> dict:
-    """`clients` closed-loop clients until `requests` are answered or `seconds` pass; with
-    `server_pid`, also the CPU seconds the server's processes and this one (the clients) spent."""
+def run_phase(url: str, clients: int, requests: int, seconds: float, counter: itertools.count, *,
+              server_pid: int, client_kind: str) -> dict:
+    """`clients` closed-loop clients until `requests` are answered or `seconds` pass, and the CPU
+    seconds the server's processes and this one (the clients) spent meanwhile."""
     lock = threading.Lock()
     latencies: list[float] = []
     bodies: list[bytes] = []  # parsed after the phase, outside the timed loop
@@ -216,7 +216,7 @@ def run_phase(url: str, clients: int, requests: int, seconds: float, counter: it
         finally:
             http.close()
 
-    server_cpu = tree_cpu_seconds(server_pid) if server_pid else 0.0
+    server_cpu = tree_cpu_seconds(server_pid)
     client_cpu = time.process_time()
     began = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -225,7 +225,7 @@ def run_phase(url: str, clients: int, requests: int, seconds: float, counter: it
     elapsed = time.perf_counter() - began
     return {"clients": clients, "done": len(latencies), "errors": errors[0], "seconds": elapsed,
             "latencies_s": latencies, "server_ms": [json.loads(body)["timings_ms"] for body in bodies],
-            "server_cpu_s": (tree_cpu_seconds(server_pid) - server_cpu) if server_pid else 0.0,
+            "server_cpu_s": tree_cpu_seconds(server_pid) - server_cpu,
             "client_cpu_s": time.process_time() - client_cpu}
 
 

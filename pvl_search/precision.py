@@ -28,18 +28,28 @@ BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_flags(cpuinfo: str | Path = CPUINFO) -> frozenset[str]:
-    """The feature flags the kernel lists for the first CPU (x86 `flags`, Arm `Features`);
-    empty where there is no /proc/cpuinfo (e.g. macOS)."""
+def _cpuinfo_fields(cpuinfo: str | Path) -> dict[str, str]:
+    """Each key of /proc/cpuinfo with its first value (the first CPU's; an Arm kernel's `Model`
+    comes after the CPUs' blocks); empty where there is no such file (e.g. macOS)."""
     try:
         text = Path(cpuinfo).read_text(errors="replace")
     except OSError:
-        return frozenset()
+        return {}
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags(cpuinfo: str | Path = CPUINFO) -> frozenset[str]:
+    """The feature flags the kernel lists for the first CPU (x86 `flags`, Arm `Features`);
+    empty where there is no /proc/cpuinfo (e.g. macOS)."""
+    return _flags_of(_cpuinfo_fields(cpuinfo))
+
+
+def _flags_of(fields: dict[str, str]) -> frozenset[str]:
+    return frozenset((fields.get("flags") or fields.get("Features") or "").split())
 
 
 def describe_cpu(cpuinfo: str | Path = CPUINFO) -> str:
@@ -48,16 +58,9 @@ def describe_cpu(cpuinfo: str | Path = CPUINFO) -> str:
     import os
     import platform
 
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model"):
-                name = value.strip()
-                break
-    except OSError:
-        pass
-    bf16 = sorted(cpu_flags(cpuinfo) & BF16_CPU_FLAGS)
+    fields = _cpuinfo_fields(cpuinfo)
+    name = fields.get("model name") or fields.get("Model") or platform.processor() or platform.machine()
+    bf16 = sorted(_flags_of(fields) & BF16_CPU_FLAGS)
     return f"{name}, {os.cpu_count()} cores, bf16 flags: {' '.join(bf16) or 'none (bf16 is emulated)'}"
 
 

@@ -22,6 +22,7 @@ import pickle
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -83,7 +84,7 @@ def _exit_with(parent: int) -> None:
     would go on answering on the socket."""
     def watch() -> None:
         while os.getppid() == parent:
-            threading.Event().wait(1.0)
+            time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="pvl-parent-watch", daemon=True).start()

@@ -41,6 +41,9 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # CLIP's pixel statistics: the model's frame tower may be initialised from CLIP (clip_init.py).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# (x / 255 - mean) / std as one multiply-add per channel on the uint8 value x.
+_CLIP_SCALE = (1.0 / (255.0 * torch.tensor(CLIP_STD))).view(3, 1, 1)
+_CLIP_SHIFT = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).view(3, 1, 1)
 
 DEFAULT_NUM_FRAMES = 8  # the paper's frames per video (ModelConfig.frames)
 DEFAULT_SIZE = 384  # the paper's frame size (ModelConfig.frame_size)
@@ -175,12 +178,10 @@ def to_model_input(
     size = pixels.shape[-3:-1]
     flat = pixels.reshape(-1, *pixels.shape[-3:])
     out = torch.empty((flat.shape[0], 3, *size), dtype=dtype)
-    scale = (1.0 / (255.0 * torch.tensor(CLIP_STD))).view(3, 1, 1)
-    shift = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).view(3, 1, 1)
     frame = torch.empty((3, *size), dtype=torch.float32)
     for i in range(flat.shape[0]):
         frame.copy_(flat[i].movedim(-1, 0))
-        out[i].copy_(frame.mul_(scale).add_(shift))
+        out[i].copy_(frame.mul_(_CLIP_SCALE).add_(_CLIP_SHIFT))
     out = out.view(*pixels.shape[:-3], 3, *size)
     out[~keep] = 0
     return out, keep
